@@ -1,0 +1,5 @@
+"""Feature extractors. Each module registers its extractors in EXTRACTORS by name."""
+
+from pipeline.registry import Registry
+
+EXTRACTORS = Registry("extractor", package="extractors")

@@ -1,0 +1,206 @@
+"""`vmr`: one command per DVC stage, each runnable alone with `--params` and `--set` overrides.
+
+Commands are thin: load and validate params (exit 2 with one clear message on any problem), then
+call the stage module in `stages/`. Heavy imports (torch, decord) happen inside the commands so
+that `vmr --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.params import Params, ParamsError, load_params
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="vmr: raw videos to trained, evaluated moment-retrieval models, reproducibly (DVC).",
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (YAML).")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="override a param: KEY=VALUE (dotted key, YAML value); repeatable."),
+]
+ProfileOpt = Annotated[
+    Optional[list[Path]],
+    typer.Option("--profile", help="partial params file merged over --params; repeatable."),
+]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _params(path: Path, overrides: list[str] | None, profiles: list[Path] | None = None) -> Params:
+    try:
+        return load_params(path, overrides or [], profiles or [])
+    except ParamsError as e:
+        _fail(str(e))
+        raise  # unreachable: _fail raises
+
+
+def _stage(name: str):
+    return importlib.import_module(f"stages.{name}")
+
+
+def _run(params_path: Path, overrides, profiles, stage: str, **kwargs) -> None:
+    params = _params(params_path, overrides, profiles)
+    try:
+        _stage(stage).run(params, source=str(params_path), **kwargs)
+    except ParamsError as e:  # raised when a stage checks its inputs before any work
+        _fail(str(e))
+
+
+@app.command()
+def synth(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Generate the synthetic dataset (deterministic for `synth.seed`).
+
+    Reads: params `synth.*`. Writes: `synth.out_dir`/videos/*.mp4 (H.264, PyAV), annotations/
+    charades_sta_{train,test}.txt, Charades_v1_{train,test}.csv, video_captions.json, and a
+    synthetic GloVe-format text file glove.synthetic.<dim>d.txt.
+    """
+    _run(params, set_, profile, "synth")
+
+
+@app.command()
+def decode(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Decode every raw video once (decord, worker processes) into the frame store.
+
+    Reads: `decode.video_dir`, params `decode.*` and the sampling protocols of the enabled
+    `features`. Writes: `decode.out_dir` (frames, per-video manifest, failures report).
+    """
+    _run(params, set_, profile, "decode")
+
+
+@app.command()
+def extract(
+    feature: Annotated[str, typer.Option(help="extractor name (a key of `extractors`).")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+    shard: Annotated[Optional[str], typer.Option(help="i/n: process shard i of n (default: torchrun env or 0/1).")] = None,
+) -> None:
+    """Extract per-video features with one extractor.
+
+    Reads: the frame store (`decode.out_dir`), params `extractors.<feature>`.
+    Writes: `merge.npy_dir`/<feature>/<video_id>.npy (T, D) float32 + timestamps, provenance.
+    """
+    _run(params, set_, profile, "extract", feature=feature, shard=shard)
+
+
+@app.command()
+def merge(
+    feature: Annotated[str, typer.Option(help="extractor name whose per-video files are merged.")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Merge per-video .npy/.npz features into one HDF5 file.
+
+    Reads: `merge.npy_dir`/<feature>/, params `merge.*`. Writes: `merge.out_dir`/<feature>.h5.
+    """
+    _run(params, set_, profile, "merge", feature=feature)
+
+
+@app.command()
+def vocab(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Build CLIP_tokenized_count.txt, GloVe_tokenized_count.txt and glove.pkl.
+
+    Reads: the annotation splits of `dataset`, the GloVe text file `vocab.glove_file`.
+    Writes: `vocab.out_dir`/{CLIP_tokenized_count.txt, GloVe_tokenized_count.txt, glove.pkl}.
+    """
+    _run(params, set_, profile, "vocab")
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="model name (a key of `model`).")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+    nproc_per_node: Annotated[int, typer.Option(help="processes (GPUs) per node; >1 re-launches under torchrun.")] = 1,
+) -> None:
+    """Train one model.
+
+    Reads: merged features, parsed annotations, vocab files, params `model.<model>` and `trainer.*`.
+    Writes: `trainer.out_dir`/<model>/ (checkpoints, dvclive logs).
+    """
+    if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        # Re-launch this very command under torchrun; each rank lands in the branch below.
+        argv = [a for a in sys.argv[1:] if not a.startswith("--nproc-per-node")]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
+               "-m", "pipeline.cli", *argv]
+        os.execv(sys.executable, cmd)
+    _run(params, set_, profile, "train", model=model)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option(help="model name (a key of `model`).")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Evaluate a trained model on `evaluate.split`.
+
+    Reads: the selected checkpoint in `trainer.out_dir`/<model>/, features and annotations.
+    Writes: `evaluate.out_dir`/<model>/{predictions.jsonl, metrics.json} (with a random baseline).
+    """
+    _run(params, set_, profile, "evaluate", model=model)
+
+
+@app.command()
+def lineage(path: Annotated[Path, typer.Argument(help="an artifact written by a vmr stage.")]) -> None:
+    """Print the chain of stages, params, inputs and weights that made PATH, back to the raw inputs.
+
+    Reads: provenance records (sidecars / HDF5 attrs) and dvc.lock.
+    """
+    from pipeline.lineage import format_lineage
+
+    if not path.exists():
+        _fail(f"{path}: no such file or directory")
+    typer.echo(format_lineage(path))
+
+
+@app.command()
+def report(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Print where the pipeline's outputs are and the metrics table of every evaluated model.
+
+    Reads: `evaluate.out_dir`/*/metrics.json and the output directories named in params.
+    """
+    from pipeline.report import print_report
+
+    print_report(_params(params, set_))
+
+
+def main() -> None:  # `python -m pipeline.cli` (used by torchrun re-launch)
+    app()
+
+
+if __name__ == "__main__":
+    main()
