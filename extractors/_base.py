@@ -1,0 +1,217 @@
+"""The extractor interface: how a feature extractor plugs into decode -> extract -> merge.
+
+An extractor is a class registered in `extractors.EXTRACTORS` (see `extractors/clip.py`):
+
+    @EXTRACTORS.register("clip")
+    class ClipExtractor(Extractor):
+        name = "clip"
+        dim = 512
+        class Config(ExtractorConfig): ...        # validated from params `extractors.clip`
+
+It declares five things, and the pipeline does everything else (decoding, batching across videos,
+devices, AMP, sharding, atomic writes, resume, provenance):
+
+1. `protocol()` -> `SamplingProtocol`: which frames the decode stage keeps (a rate rule on the
+   source timestamps) and how they are resized/cropped. Decode reads every video ONCE and writes,
+   per distinct protocol of the enabled extractors, a uint8 array (N, H, W, 3) RGB of the kept frames
+   plus, per kept frame, its source timestamp `pts` and the time `window` (start, end) in seconds
+   that the frame stands for. Two extractors with equal protocols share the frames.
+2. `group(frames, windows)` -> (units, unit_windows): turns the N kept frames of one video into the
+   T inputs of the model, one per output feature. Frame-wise extractors (CLIP, VGG) keep the default
+   (one frame = one unit). Clip-level extractors override it: e.g. SlowFast takes frames at 30 fps
+   and returns (T, 32, H, W, 3) clips of 2 s; C3D returns 16-frame clips with stride 8; I3D can
+   return one (1, N, H, W, 3) "unit" for the whole video and emit several features per unit. Units stay uint8 on the
+   CPU; `unit_windows` is (R, 2) float64 seconds, one (start, end) per OUTPUT ROW (the feature
+   timestamps written next to the .npy); R = T unless `embed` gives several rows per unit.
+3. `build_model()` -> nn.Module: the architecture with seeded random init (no downloads ever).
+4. `load_weights(model, path)`: load one official checkpoint format from a local file; raise
+   `WeightsError` naming the file and the missing/unexpected keys. The caller checks sha256 and records
+   it (or "random" when no weights are configured) in the provenance.
+5. `preprocess(units)` then `embed(model, x)`: `preprocess` gets a uint8 batch (B, ..., H, W, 3)
+   already on the model's device and returns the float input (value range, mean/std, channel order,
+   layout); `embed` returns (B, D) features, or (B, k, D) for k rows per unit (rows are kept in
+   order). Units of one video go through the model in batches of `batch_size` gathered across videos
+   (a batch is flushed early when the next unit's shape differs). Both run under `torch.inference_mode()` and, on CUDA,
+   autocast (`Config.amp`); on CPU everything is fp32. The same code runs on CPU and GPU.
+
+Outputs are then float32 (T, D) per video, whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from pipeline.params import Section
+
+Rule = Literal["fps_filter", "uniform", "every_n", "all"]
+
+
+@dataclass(frozen=True)
+class SamplingProtocol:
+    """Which frames of a video an extractor consumes, and at what size.
+
+    Rate rules (all computed from the decoder's per-frame timestamps, never from frame counts):
+    - `fps_filter`: exactly what FFmpeg's `fps=rate` filter (round=near) outputs, as used by the HERO
+      extractor (QVHighlights / Charades SF+C CLIP, SlowFast at 30 fps). Output slot k holds the LAST
+      frame whose time t (from the file start) has round_half_up(t * rate) <= k, i.e. t < (k+0.5)/rate:
+      the middle of the window [k/rate, (k+1)/rate). Count = round_half_up(end * rate) where end is the
+      last frame's pts + duration; slots before the first frame repeat it, gaps repeat the previous
+      frame. `hero_short_video` adds HERO's special case (0 < duration < 1/rate + 0.1 ->
+      rate = 2 / max(int(duration), 1)).
+    - `uniform`: slot k holds the first frame with t >= k/rate (start of the window);
+      count = ceil(end * rate).
+    - `every_n`: source frames 0, n, 2n, ... (CNM "every 8 frames", C3D units).
+    - `all`: every decoded frame.
+
+    Spatial: resize so the short side is `short_side` (0: keep), then centre-crop a `crop` x `crop`
+    square (0: no crop), with `interpolation`; frames are stored uint8 RGB.
+    """
+
+    rule: Rule = "fps_filter"
+    rate: float = 1.0  # output frames per second (fps_filter, uniform)
+    every_n: int = 1  # keep every n-th source frame (every_n)
+    short_side: int = 224
+    crop: int = 224
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    hero_short_video: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rule in ("fps_filter", "uniform") and not self.rate > 0:
+            raise ValueError(f"sampling rule {self.rule} needs rate > 0, got {self.rate}")
+        if self.rule == "every_n" and self.every_n < 1:
+            raise ValueError(f"sampling rule every_n needs every_n >= 1, got {self.every_n}")
+        if self.short_side < 0 or self.crop < 0:
+            raise ValueError("short_side and crop must be >= 0")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def key(self) -> str:
+        """A stable directory name for the frames of this protocol (readable prefix + digest)."""
+        if self.rule in ("fps_filter", "uniform"):
+            rate = f"{self.rate:g}"
+        elif self.rule == "every_n":
+            rate = str(self.every_n)
+        else:
+            rate = "1"
+        digest = hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.rule}-{rate}-s{self.short_side}-c{self.crop}-{digest}"
+
+
+class WeightsError(ValueError):
+    """A weights file is unreadable or does not match the architecture (names file and keys)."""
+
+
+class ExtractorConfig(Section):
+    """Fields every extractor accepts under `extractors.<name>` in params.yaml."""
+
+    weights: str | None = None  # local checkpoint path; None -> seeded random init, "random" in provenance
+    weights_sha256: str | None = None  # if set, the file must have this digest
+    batch_size: int = Field(32, ge=1)  # units per forward pass, gathered across videos
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    amp: bool = True  # autocast on CUDA (ignored on CPU: fp32 there)
+    seed: int = 0  # seeds the random init when no weights are given
+    threads: int = Field(0, ge=0)  # torch CPU threads for the model (0: leave torch's default)
+
+
+class Extractor(ABC):
+    """Base class of every extractor; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    dim: ClassVar[int]
+    Config: ClassVar[type[ExtractorConfig]] = ExtractorConfig
+
+    def __init__(self, config: ExtractorConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+    # -- what decode must produce --------------------------------------------------------------
+    @abstractmethod
+    def protocol(self) -> SamplingProtocol: ...
+
+    def group(self, frames: np.ndarray, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W, 3) uint8 frames + (N, 2) windows -> (T, ...) units + (T, 2) windows."""
+        return frames, windows
+
+    # -- model ----------------------------------------------------------------------------------
+    @abstractmethod
+    def build_model(self) -> torch.nn.Module: ...
+
+    @abstractmethod
+    def load_weights(self, model: torch.nn.Module, path: str) -> None: ...
+
+    def to_device(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """Move the model (override to change its dtype, e.g. fp16 weights on GPU)."""
+        return model.to(device)
+
+    @abstractmethod
+    def preprocess(self, units: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def embed(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor: ...
+
+    # -- shared helpers -------------------------------------------------------------------------
+    def describe(self) -> dict:
+        """What provenance records about this extractor (besides the weights digest)."""
+        return {
+            "name": self.name,
+            "dim": self.dim,
+            "protocol": self.protocol().as_dict(),
+            "config": self.config.model_dump(exclude={"device", "threads", "batch_size"}),
+        }
+
+
+def check_state_dict(model: torch.nn.Module, state: dict, path: str, *, strict: bool = True) -> None:
+    """load_state_dict with an error that names the file and the mismatching keys and shapes."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    problems = []
+    if missing and strict:
+        problems.append(f"missing keys {_few(missing)}")
+    if unexpected and strict:
+        problems.append(f"unexpected keys {_few(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch {_few(wrong)}")
+    if problems:
+        raise WeightsError(f"{path}: does not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=strict)
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    shown = ", ".join(items[:n])
+    return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)})"
+
+
+def torch_load(path: str) -> object:
+    """Read a torch checkpoint (pickle or zip) on the CPU, with a clear error if it is not one."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise WeightsError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def unwrap_state_dict(obj: object, path: str, keys: tuple[str, ...] = ("state_dict", "model_state", "model")) -> dict:
+    """The tensor dict inside common checkpoint wrappers ({'state_dict': ...}, DataParallel 'module.')."""
+    for k in keys:
+        if isinstance(obj, dict) and k in obj and isinstance(obj[k], dict):
+            obj = obj[k]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
