@@ -57,7 +57,11 @@ class DatasetParams(Section):
     """Which annotation files the vocab/train/evaluate stages read, and how to parse and clean them."""
 
     name: str = "synthetic"
-    format: str = "charades_sta"  # parser name (pipeline.annotations)
+    # parser name (pipeline.annotations.FORMATS)
+    format: Literal[
+        "charades_sta", "grounding_json", "cpl_json", "tacos_json", "qvhighlights", "msrvtt_csv", "msrvtt_json",
+        "video_captions",
+    ] = "charades_sta"
     video_dir: str = "data/synth/videos"
     splits: dict[str, str] = Field(
         default_factory=lambda: {
@@ -72,7 +76,8 @@ class DatasetParams(Section):
             "data/synth/annotations/Charades_v1_test.csv",
         ]
     )
-    cleaning: str = "mmn"  # cleaning policy name (pipeline.annotations)
+    cleaning: Literal["none", "mmn", "mesm", "cnm"] = "mmn"  # named policy (pipeline.annotations)
+    on_error: Literal["raise", "skip"] = "raise"  # malformed records: fail, or count and report them
     video_captions: str | None = "data/synth/annotations/video_captions.json"
 
 
