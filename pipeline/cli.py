@@ -134,6 +134,20 @@ def vocab(
     _run(params, set_, profile, "vocab")
 
 
+@app.command("sentence-features")
+def sentence_features(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Encode every query once with a frozen encoder, for MRNet (text: DistilBERT; speech: wav2vec2-style).
+
+    Reads: the annotation splits of `dataset`, params `model.mrnet.query_encoder` (a local encoder
+    directory, or seeded random init). Writes: `merge.out_dir`/<model.mrnet.query_feature>.h5.
+    """
+    _run(params, set_, profile, "sentence_features")
+
+
 @app.command()
 def train(
     model: Annotated[str, typer.Option(help="model name (a key of `model`).")],
