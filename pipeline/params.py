@@ -106,12 +106,20 @@ class VocabParams(Section):
 
 
 class TrainerParams(Section):
-    device: str = "cpu"
+    """How every model is trained (pipeline.trainer); model hyper-parameters live in `model.<name>`."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(0, ge=0)
     out_dir: str = "runs"
-    select_split: str = "test"
-    select_metric: str = "R1@0.5"
+    # Split evaluated during training to select the kept epoch; null keeps the last epoch. The seeds
+    # selected on their test split: that is possible (and logged loudly), never a silent default.
+    select_split: str | None = None
+    select_metric: str | None = None  # null: the model config's select_metric
     deterministic: bool = True
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
+    resume: bool = True  # resume from the last epoch checkpoint made with the same config
+    keep_checkpoints: int = Field(1, ge=1)  # epoch checkpoints kept on disk (newest)
 
 
 class EvaluateParams(Section):
