@@ -107,6 +107,19 @@ class SamplingProtocol:
         return f"{self.rule}-{rate}-s{self.short_side}-c{self.crop}-{digest}"
 
 
+@dataclass(frozen=True)
+class VideoInfo:
+    """Facts about one source video (from its decode record) that some `group` rules need.
+
+    Added for the clip-level extractors (issue 4): HERO's SlowFast sampling uses floor(native fps)
+    and ceil(stream duration / clip_len); the extract stage passes this as `group(..., video=...)`.
+    """
+
+    video_id: str
+    fps: float  # the video stream's average frame rate
+    duration: float | None = None  # stream duration in seconds (ffprobe's); None when unknown
+
+
 class WeightsError(ValueError):
     """A weights file is unreadable or does not match the architecture (names file and keys)."""
 
@@ -137,8 +150,14 @@ class Extractor(ABC):
     @abstractmethod
     def protocol(self) -> SamplingProtocol: ...
 
-    def group(self, frames: np.ndarray, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, H, W, 3) uint8 frames + (N, 2) windows -> (T, ...) units + (T, 2) windows."""
+    def group(
+        self, frames: np.ndarray, windows: np.ndarray, video: VideoInfo | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W, 3) uint8 frames + (N, 2) windows -> (T, ...) units + (T, 2) windows.
+
+        `video` (native fps, stream duration) is passed by the extract stage; frame-wise
+        extractors ignore it, clip-level ones whose rules depend on it (SlowFast/HERO) require it.
+        """
         return frames, windows
 
     # -- model ----------------------------------------------------------------------------------
