@@ -82,20 +82,26 @@ class DatasetParams(Section):
 
 
 class DecodeParams(Section):
+    """`vmr decode`: raw videos -> frame store (pipeline/decode.py, docs/features.md)."""
+
     video_dir: str = "data/synth/videos"
     out_dir: str = "work/frames"
-    workers: int = Field(2, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
+    workers: int = Field(2, ge=1)  # decode processes
+    timeout_s: float = Field(120.0, gt=0)  # per video; the worker is killed past it (decord deadlocks)
     recycle_after: int = Field(32, ge=1)  # videos per worker before it is replaced (decord leaks)
-    max_failure_share: float = Field(0.0, ge=0, le=1)
+    max_failure_share: float = Field(0.0, ge=0, le=1)  # exit non-zero when more videos than this fail
+    backend: Literal["decord", "pyav"] = "decord"  # rotated files always go through PyAV
 
 
 class MergeParams(Section):
+    """`vmr extract` writes `npy_dir`/<feature>/; `vmr merge` reads it into `out_dir`/<feature>.h5."""
+
     npy_dir: str = "work/npy"
     out_dir: str = "features"
     dtype: Literal["float32", "float16"] = "float32"
     compression: Literal["none", "gzip", "lzf"] = "none"
-    layout: Literal["flat", "activitynet"] = "flat"
+    layout: Literal["flat", "activitynet"] = "flat"  # h5[vid] or h5[vid]["c3d_features"]
+    export_npz_dir: str | None = None  # also write Moment-DETR-style <vid>.npz {"features"} here
 
 
 class VocabParams(Section):
@@ -165,7 +171,8 @@ def _describe(err: dict[str, Any]) -> str:
         return "missing required key"
     got = err.get("input")
     got_text = "" if isinstance(got, (dict, list)) else f", got {got!r}"
-    return f"expected {msg[0].lower() + msg[1:] if msg else kind}{got_text}"
+    msg = msg.removeprefix("Input should be ").removeprefix("Value error, ")
+    return f"expected {msg or kind}{got_text}"
 
 
 def _format_errors(source: str, exc: ValidationError, prefix: str = "") -> str:

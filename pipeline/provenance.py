@@ -57,12 +57,17 @@ def sha256_path(path: str | os.PathLike) -> str:
     return sha256_tree(path) if Path(path).is_dir() else sha256_file(path)
 
 
-def code_version() -> str:
-    """Package version plus a digest of the code directories (git-independent, stable across clones)."""
+def code_version(code: tuple[str, ...] | list[str] = CODE_DIRS) -> str:
+    """Package version plus a digest of the code a stage runs (git-independent, stable across clones).
+
+    `code` lists files/directories relative to the repo root: pass the same code deps as the
+    stage's dvc.yaml entry, so that editing unrelated code changes neither the record nor the cache.
+    """
     h = hashlib.sha256()
-    for d in CODE_DIRS:
-        base = REPO_ROOT / d
-        for p in sorted(base.rglob("*.py")) if base.is_dir() else []:
+    for entry in sorted(code):
+        base = REPO_ROOT / entry
+        files = sorted(base.rglob("*.py")) if base.is_dir() else [base] if base.is_file() else []
+        for p in files:
             h.update(str(p.relative_to(REPO_ROOT)).encode())
             h.update(p.read_bytes())
     return f"vmr-{__version__}+code.{h.hexdigest()[:12]}"
@@ -90,15 +95,19 @@ def make_record(
     inputs: Mapping[str, str | os.PathLike] | None = None,
     weights: Mapping[str, str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    code: tuple[str, ...] | list[str] = CODE_DIRS,
 ) -> dict[str, Any]:
-    """Build a provenance record. `inputs` maps a role ("videos", "features") to a path."""
+    """Build a provenance record. `inputs` maps a role ("videos", "features") to a path.
+
+    `code`: the files/directories the stage runs (as in its dvc.yaml deps), for `code_version`.
+    """
     record: dict[str, Any] = {
         "stage": stage,
         "params": dict(params),
         "inputs": {
             role: {"path": _rel(p), "sha256": sha256_path(p)} for role, p in (inputs or {}).items()
         },
-        "code_version": code_version(),
+        "code_version": code_version(code),
         "weights": dict(weights or {}),
         "environment": {"python": sys.version.split()[0], "platform": platform.machine()},
     }

@@ -1,0 +1,28 @@
+"""Every stage command is reachable and its --help says what it reads and writes."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+runner = CliRunner()
+COMMANDS = ["synth", "decode", "extract", "merge", "vocab", "train", "evaluate", "lineage", "report"]
+
+
+def test_top_level_help_lists_every_stage():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in COMMANDS:
+        assert name in result.output
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_help_says_what_it_reads_and_writes(name):
+    result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Reads:" in result.output
+    if name not in ("lineage", "report"):
+        assert "Writes:" in result.output
+        assert "--params" in result.output and "--set" in result.output
