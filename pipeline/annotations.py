@@ -52,9 +52,10 @@ import csv
 import json
 import math
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 Moment = tuple[float, float]
 
@@ -221,7 +222,7 @@ def _parse_grounding_json(path, *, dataset, split, problems, **_) -> Iterator[Qu
         except ValueError as e:
             problems(f"{path}: key '{vid}': {e}")
             continue
-        for moment, sentence in zip(moments, sentences):
+        for moment, sentence in zip(moments, sentences, strict=True):
             yield Query(dataset, split, vid, duration, (moment,), sentence, qid)
             qid += 1
 
@@ -268,7 +269,7 @@ def _parse_tacos_json(path, *, dataset, split, problems, **_) -> Iterator[Query]
         except (ValueError, TypeError) as e:
             problems(f"{path}: key '{vid}': {e}")
             continue
-        for moment, sentence in zip(moments, sentences):
+        for moment, sentence in zip(moments, sentences, strict=True):
             yield Query(dataset, split, vid, duration, (moment,), sentence, qid)
             qid += 1
 

@@ -34,7 +34,8 @@ Text-video retrieval (CLIP4Clip `compute_metrics` semantics, incl. its tie rule)
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -155,3 +156,271 @@ def evaluate_moments(
     metrics = recall_at_k(ranked, gt, ks, thresholds, valid)
     metrics["mIoU"] = mean_iou(ranked[:, 0], gt)
     return metrics
+
+
+# -- Moment-DETR / QVHighlights protocol (semantics of moment_detr's standalone_eval) -----------
+
+# IoU thresholds 0.5:0.05:0.95, rounded to 2 decimals as the keys are ("0.5", "0.55", ...)
+DETR_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+QVH_LENGTH_RANGES = {"short": (0.0, 10.0), "middle": (10.0, 30.0), "long": (30.0, 150.0), "full": (0.0, 150.0)}
+TACOS_LENGTH_RANGES = {**{k: v for k, v in QVH_LENGTH_RANGES.items() if k != "full"},
+                       "superlong": (150.0, 600.0), "full": (0.0, 600.0)}
+SALIENCY_LEVELS = {"Fair": 2, "Good": 3, "VeryGood": 4}  # minimum annotator score of a positive clip
+
+
+def _round2(x: float) -> float:
+    """The official rounding: format to 2 decimals and parse back."""
+    return float(f"{x:.2f}")
+
+
+def _pad(rows: Sequence[Sequence[Sequence[float]]], width: int, fill: float = np.nan) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged list of windows -> (Q, K, width) array and a (Q, K) validity mask."""
+    k = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), max(k, 1), width), fill, dtype=np.float64)
+    valid = np.zeros((len(rows), max(k, 1)), dtype=bool)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, : len(r)] = np.asarray(r, dtype=np.float64)[:, :width]
+            valid[i, : len(r)] = True
+    return out, valid
+
+
+def _true_union_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU with the true union (len_a + len_b - inter), as Moment-DETR's mAP and GT choice use."""
+    inter = np.clip(np.minimum(a[..., 1], b[..., 1]) - np.maximum(a[..., 0], b[..., 0]), 0.0, None)
+    union = (a[..., 1] - a[..., 0]) + (b[..., 1] - b[..., 0]) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return inter / union
+
+
+def _r1_at(top1: np.ndarray, gts: np.ndarray, gt_valid: np.ndarray, thresholds: Sequence[float]) -> dict[str, float]:
+    """R1@θ: IoU of the first predicted window with the GT window it overlaps best (first best wins)."""
+    cross = _true_union_iou(top1[:, None, :], gts)  # (Q, G)
+    cross = np.where(gt_valid, cross, -np.inf)
+    best = np.argmax(np.where(np.isnan(cross), np.inf, cross), axis=1)  # numpy's argmax picks a nan first
+    chosen = gts[np.arange(len(gts)), best]
+    iou = temporal_iou(top1, chosen)
+    return {str(t): _round2(float(np.mean(iou >= t)) * 100) for t in thresholds}
+
+
+def _detection_ap(
+    preds: np.ndarray, pred_valid: np.ndarray, gts: np.ndarray, gt_valid: np.ndarray, thresholds: Sequence[float]
+) -> np.ndarray:
+    """Per-query VOC-interpolated AP at each threshold, (Q, T), ActivityNet detection matching.
+
+    preds (Q, P, 3) = (start, end, score) already limited to the first 10 of each query; a prediction,
+    in descending score order (ties keep file order), takes the unmatched GT window of highest IoU
+    (ties: the later window) if that IoU >= θ, else it is a false positive.
+    """
+    q, p = pred_valid.shape
+    order = np.argsort(-np.where(pred_valid, preds[..., 2], -np.inf), axis=1, kind="stable")
+    preds = np.take_along_axis(preds, order[..., None], axis=1)
+    pred_valid = np.take_along_axis(pred_valid, order, axis=1)
+    thr = np.asarray(thresholds, dtype=np.float64)
+    iou = _true_union_iou(preds[:, :, None, :2], gts[:, None, :, :])  # (Q, P, G)
+    iou = np.where(gt_valid[:, None, :], iou, -np.inf)
+    g = gts.shape[1]
+    locked = np.zeros((q, len(thr), g), dtype=bool)
+    tp = np.zeros((q, len(thr), p))
+    fp = np.zeros((q, len(thr), p))
+    rev = np.arange(g)[::-1]
+    for j in range(p):
+        cand = (iou[:, j, None, :] >= thr[None, :, None]) & ~locked  # (Q, T, G)
+        score = np.where(cand, iou[:, j, None, :], -np.inf)
+        pick = rev[np.argmax(score[..., ::-1], axis=-1)]  # last index among equal best IoUs
+        hit = cand.any(axis=-1) & pred_valid[:, j, None]
+        qi, ti = np.nonzero(hit)
+        locked[qi, ti, pick[qi, ti]] = True
+        tp[:, :, j] = hit
+        fp[:, :, j] = ~hit & pred_valid[:, j, None]
+    tp_cum, fp_cum = np.cumsum(tp, axis=2), np.cumsum(fp, axis=2)
+    n_pos = gt_valid.sum(axis=1).astype(np.float64)[:, None, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = tp_cum / n_pos
+        precision = tp_cum / (tp_cum + fp_cum)
+    precision = np.nan_to_num(precision)  # a query without predictions has AP 0
+    recall = np.nan_to_num(recall)
+    # VOC: precision envelope (max over higher recall), summed over the recall steps
+    zeros = np.zeros((q, len(thr), 1))
+    mprec = np.concatenate([zeros, precision, zeros], axis=2)
+    mrec = np.concatenate([zeros, recall, zeros + 1.0], axis=2)
+    mprec = np.maximum.accumulate(mprec[..., ::-1], axis=2)[..., ::-1]
+    step = np.diff(mrec, axis=2)
+    return np.sum(np.where(step != 0, step * mprec[..., 1:], 0.0), axis=2)
+
+
+def _moment_metrics(pred_windows, gt_windows, thresholds, max_pred) -> dict[str, dict[str, float]]:
+    preds, pred_valid = _pad([w[:max_pred] for w in pred_windows], 3)
+    gts, gt_valid = _pad(gt_windows, 2)
+    ap = _detection_ap(preds, pred_valid, gts, gt_valid, thresholds)  # (Q, T)
+    ap_t = ap.mean(axis=0)
+    mean_ap = {str(t): _round2(100 * v) for t, v in zip(thresholds, ap_t, strict=True)}
+    mean_ap["average"] = _round2(100 * float(np.mean(ap_t)))
+    top1 = np.asarray([w[0][:2] for w in pred_windows], dtype=np.float64)
+    return {"MR-mAP": mean_ap, "MR-R1": _r1_at(top1, gts, gt_valid, thresholds)}
+
+
+def _highlight_ap(y_true: np.ndarray, y_pred: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """AP of clip scores against binary labels, per row (rows are (query, annotator) pairs).
+
+    sklearn's precision-recall curve semantics: tied scores form one threshold; precision is
+    interpolated (max over lower thresholds); AP is the MEAN of it over the thresholds where recall
+    grows. A row whose labels are all equal scores 1 if they are positive, else 0.
+    """
+    y_pred = np.where(valid, y_pred, -np.inf)
+    y_true = np.where(valid, y_true, 0.0)
+    order = np.argsort(-y_pred, axis=1, kind="stable")
+    s = np.take_along_axis(y_pred, order, axis=1)
+    t = np.take_along_axis(y_true, order, axis=1)
+    tps = np.cumsum(t, axis=1)
+    n = np.arange(1, s.shape[1] + 1, dtype=np.float64)
+    last_of_tie = np.ones_like(s, dtype=bool)  # a threshold point closes each group of tied scores
+    last_of_tie[:, :-1] = s[:, 1:] != s[:, :-1]
+    last_of_tie &= np.isfinite(s)
+    precision = np.where(last_of_tie, tps / n, -np.inf)
+    interp = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+    prev_tps = np.zeros_like(tps)  # tps at the previous threshold point
+    pts_tps = np.where(last_of_tie, tps, np.nan)
+    filled = _ffill(pts_tps)
+    prev_tps[:, 1:] = np.nan_to_num(filled[:, :-1])
+    counted = last_of_tie & (tps > prev_tps)
+    ap = np.sum(np.where(counted, interp, 0.0), axis=1) / np.maximum(counted.sum(axis=1), 1)
+    n_valid = valid.sum(axis=1)
+    n_pos = y_true.sum(axis=1)
+    constant = (n_pos == 0) | (n_pos == n_valid)
+    return np.where(constant, (n_pos > 0).astype(np.float64), ap)
+
+
+def _ffill(a: np.ndarray) -> np.ndarray:
+    """Forward-fill NaNs along axis 1."""
+    idx = np.where(~np.isnan(a), np.arange(a.shape[1]), 0)
+    np.maximum.accumulate(idx, axis=1, out=idx)
+    out = np.take_along_axis(a, idx, axis=1)
+    return out
+
+
+def _highlight_metrics(saliency_preds, gt_records, clip_length: float) -> dict[str, dict[str, float]]:
+    """HL-mAP and HIT@1 at each saliency level (GT clips per query = int(duration / clip_length))."""
+    n_clips = [int(g["duration"] / clip_length) for g in gt_records]
+    width = max(max(n_clips), 1)
+    scores = np.zeros((len(gt_records), width, 3))  # annotator scores 0..4 of every clip
+    for i, g in enumerate(gt_records):
+        ids = np.asarray(g.get("relevant_clip_ids") or [], dtype=np.int64)
+        if len(ids):
+            scores[i, ids] = np.asarray(g["saliency_scores"], dtype=np.float64)
+    valid = np.arange(width)[None, :] < np.asarray(n_clips)[:, None]
+    # predictions are cut or zero-padded to the GT clip count, as the official script does
+    pred = np.zeros((len(gt_records), width))
+    hit_idx = np.zeros(len(gt_records), dtype=np.int64)
+    for i, p in enumerate(saliency_preds):
+        p = np.asarray(p, dtype=np.float64)
+        hit_idx[i] = int(np.argmax(p))
+        pred[i, : min(len(p), n_clips[i])] = p[: n_clips[i]]
+    out = {}
+    for name, level in SALIENCY_LEVELS.items():
+        binary = (scores >= level).astype(np.float64) * valid[..., None]
+        inside = hit_idx < np.asarray(n_clips)
+        hit = np.where(inside[:, None], binary[np.arange(len(binary)), np.minimum(hit_idx, width - 1)], 0.0)
+        y_true = binary.transpose(0, 2, 1).reshape(-1, width)  # rows: (query, annotator)
+        ap = _highlight_ap(y_true, np.repeat(pred, 3, axis=0), np.repeat(valid, 3, axis=0))
+        out[f"HL-min-{name}"] = {"HL-mAP": _round2(100 * float(np.mean(ap))),
+                                 "HL-Hit1": _round2(100 * float(np.mean(hit.max(axis=1))))}
+    return out
+
+
+def evaluate_moment_detr(
+    predictions: Sequence[Mapping[str, Any]],
+    ground_truth: Sequence[Mapping[str, Any]],
+    *,
+    thresholds: Sequence[float] = DETR_THRESHOLDS,
+    length_ranges: Mapping[str, tuple[float, float]] = QVH_LENGTH_RANGES,
+    max_pred_windows: int = 10,
+    clip_length: float = 2.0,
+    match_number: bool = True,
+) -> dict[str, Any]:
+    """Moment-DETR-style metrics of a submission, rounded like the official script.
+
+    predictions: [{qid, pred_relevant_windows: [[s, e, score], ...] (file order = rank for R1),
+    pred_saliency_scores?: [clip scores]}]; ground_truth: [{qid, duration, relevant_windows,
+    relevant_clip_ids?, saliency_scores?}]. `length_ranges` buckets queries by GT window length
+    (lo, hi]; the bucket equal to "full" keeps everything. Returns {"brief": {...}, bucket or HL level:
+    {...}} with the official key names.
+    """
+    pred_by_qid = {p["qid"]: p for p in predictions}
+    gt_by_qid = {g["qid"]: g for g in ground_truth}
+    if match_number and set(pred_by_qid) != set(gt_by_qid):
+        missing, extra = set(gt_by_qid) - set(pred_by_qid), set(pred_by_qid) - set(gt_by_qid)
+        raise ValueError(f"prediction qids do not match the ground truth: {len(missing)} missing "
+                         f"(e.g. {sorted(missing, key=str)[:3]}), {len(extra)} unknown (e.g. {sorted(extra, key=str)[:3]})")
+    shared = set(pred_by_qid) & set(gt_by_qid)
+    predictions = [p for p in predictions if p["qid"] in shared]
+    ground_truth = [g for g in ground_truth if g["qid"] in shared]
+    if not predictions:
+        raise ValueError("no prediction matches a ground-truth qid")
+    metrics: dict[str, Any] = {}
+    brief: dict[str, float] = {}
+    if "pred_relevant_windows" in predictions[0]:
+        full = length_ranges.get("full")
+        for name, (lo, hi) in length_ranges.items():
+            if (lo, hi) == full:
+                gts = {g["qid"]: g["relevant_windows"] for g in ground_truth}
+            else:
+                gts = {}
+                for g in ground_truth:
+                    kept = [w for w in g["relevant_windows"] if lo < w[1] - w[0] <= hi]
+                    if kept:
+                        gts[g["qid"]] = kept
+            preds = [p for p in predictions if p["qid"] in gts]
+            if not preds:
+                continue
+            metrics[name] = _moment_metrics([p["pred_relevant_windows"] for p in preds],
+                                            [gts[p["qid"]] for p in preds], thresholds, max_pred_windows)
+        mr = {}
+        if "full" in metrics:
+            full_ap = metrics["full"]["MR-mAP"]
+            mr.update({"MR-full-mAP": full_ap["average"], "MR-full-mAP@0.5": full_ap.get("0.5"),
+                       "MR-full-mAP@0.75": full_ap.get("0.75"),
+                       "MR-full-R1@0.5": metrics["full"]["MR-R1"].get("0.5"),
+                       "MR-full-R1@0.7": metrics["full"]["MR-R1"].get("0.7")})
+        for name in length_ranges:
+            if name != "full" and name in metrics:
+                mr[f"MR-{name}-mAP"] = metrics[name]["MR-mAP"]["average"]
+        brief.update(sorted((k, v) for k, v in mr.items() if v is not None))
+    if "pred_saliency_scores" in predictions[0]:
+        order = {g["qid"]: g for g in ground_truth}
+        hl = _highlight_metrics([p["pred_saliency_scores"] for p in predictions],
+                                [order[p["qid"]] for p in predictions], clip_length)
+        metrics.update(hl)
+        brief.update({f"{k}-{sub.split('-')[1]}": v for k, vals in hl.items() for sub, v in vals.items()})
+    return {"brief": brief, **dict(sorted(metrics.items()))}
+
+
+# -- text-video retrieval (CLIP4Clip `compute_metrics` semantics) -----------------------------
+
+
+def retrieval_metrics(sim: np.ndarray, ks: Iterable[int] = (1, 5, 10, 50)) -> dict[str, float]:
+    """R@k, MdR, MnR of a (queries x candidates) similarity matrix whose ground truth is the diagonal.
+
+    Ties follow CLIP4Clip exactly: a row whose GT score is tied with e-1 others contributes e ranks
+    (g, g+1, ..., g+e-1, g = number of strictly higher scores), so the denominator can exceed N; a
+    row whose GT score is NaN contributes nothing; NaN candidates never outrank the GT.
+    """
+    x = np.asarray(sim)
+    if x.ndim != 2 or x.shape[0] != x.shape[1]:
+        raise ValueError(f"expected a square similarity matrix (ground truth on the diagonal), got {x.shape}")
+    neg, neg_diag = -x, -np.diag(x)[:, None]
+    greater = (neg < neg_diag).sum(axis=1)  # strictly better candidates
+    equal = ((neg - neg_diag) == 0).sum(axis=1)  # the GT and its ties (0 for a NaN GT)
+    ranks = np.repeat(greater, equal) + (np.arange(equal.sum()) - np.repeat(np.cumsum(equal) - equal, equal))
+    if len(ranks) == 0:
+        raise ValueError("no row has a comparable ground-truth score (all NaN)")
+    out = {f"R@{k}": float(100.0 * np.mean(ranks < k)) for k in ks}
+    out["MdR"] = float(np.median(ranks)) + 1
+    out["MnR"] = float(np.mean(ranks)) + 1
+    return out
+
+
+def evaluate_retrieval(sim: np.ndarray) -> dict[str, dict[str, float]]:
+    """Text-to-video on sim (texts x videos) and video-to-text on its transpose."""
+    sim = np.asarray(sim)
+    return {"t2v": retrieval_metrics(sim), "v2t": retrieval_metrics(sim.T)}
