@@ -67,6 +67,7 @@ Optional hooks:
     on_train_epoch_start(epoch)         e.g. freeze/unfreeze BERT, loss-weight schedules
     on_after_optimizer_step(index)      e.g. clamp CLIP's logit_scale after every step
     weights_provenance() -> dict[str, str]   {"text_encoder": sha256 or "random"} for provenance
+    input_files(cfg, data) (classmethod) -> {role: path} read besides annotations (checked, hashed)
 
 Grounding models (`GroundingModel`, task = "grounding") add:
     predict_step(batch) -> list of {"qid", "vid", "pred_relevant_windows": [[s, e, score], ...]}
@@ -217,6 +218,12 @@ class VmrModel(nn.Module):
         pass
 
     def weights_provenance(self) -> dict[str, str]:
+        return {}
+
+    @classmethod
+    def input_files(cls, cfg: TrainConfig, data: DataContext) -> dict[str, Path]:
+        """{role: path} of the files the model reads besides the annotations (checked before any
+        work, hashed into provenance), e.g. {"features.clip": data.feature_file("clip")}."""
         return {}
 
 
@@ -514,6 +521,7 @@ class FitResult:
     best_metrics: dict[str, float]
     history: list[dict[str, float]]
     best_path: Path
+    weights: dict[str, str]
 
 
 def _autocast(device: torch.device, amp: bool, dtype: str):
@@ -572,11 +580,6 @@ def fit(
     use_amp = amp and env.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == "float16")
     stepper = _Stepper(model, optim, scaler, cfg.grad_clip, env.world_size)
-    train_set = _CountedDataset(model.build_dataset("train", data, train=True))
-    select_set = None
-    if select_split is not None:
-        select_set = _eval_data(model, select_split, data)
-
     start_epoch, step, history, best = 1, 0, [], {"epoch": 0, "metrics": {}, "value": -math.inf}
     found = checkpoints(ckpt_dir) if resume else []
     if found:
@@ -602,6 +605,9 @@ def fit(
             log(f"resuming {name} from {found[-1][1]} (epoch {state['epoch']} done)")
     if env.world_size > 1:
         dist.barrier()  # nobody reads checkpoints rank 0 may be about to delete
+    # datasets after the checkpoint: they may depend on state it restores (e.g. a trained tokenizer)
+    train_set = _CountedDataset(model.build_dataset("train", data, train=True))
+    select_set = _eval_data(model, select_split, data) if select_split is not None else None
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
@@ -684,7 +690,7 @@ def fit(
             save_torch({"model": model.state_dict(), "config": record, "epoch": cfg.epochs, "metrics": {}}, best_path)
         write_live_logs(run_dir / "live", history)
         result = FitResult(best_epoch=best["epoch"], best_metrics=best["metrics"], history=history,
-                           best_path=best_path)
+                           best_path=best_path, weights=model.weights_provenance())
     teardown_distributed()
     return result
 

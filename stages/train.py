@@ -1,0 +1,79 @@
+"""Stage `train@<model>`: train one registered model with the shared trainer (pipeline.trainer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models import MODELS
+from pipeline import provenance
+from pipeline.params import Params, require_files, subset
+from pipeline.progress import is_rank_zero, log
+from pipeline.trainer import DataContext, fit
+
+CODE = ("pipeline/trainer.py", "pipeline/features.py", "pipeline/annotations.py", "pipeline/evaluation.py",
+        "models", "stages/train.py")
+
+
+def data_context(params: Params, model: str) -> DataContext:
+    cfg = params.model_config_of(model)
+    return DataContext(
+        dataset=params.dataset,
+        features_dir=Path(params.merge.out_dir),
+        vocab_dir=Path(params.vocab.out_dir),
+        frames_dir=Path(params.decode.out_dir),
+        run_dir=Path(params.trainer.out_dir) / model,
+        seed=cfg.seed if cfg.seed is not None else params.seed,
+    )
+
+
+def check_inputs(params: Params, source: str, model: str, data: DataContext) -> dict[str, Path]:
+    """Every file training reads, by role; exits 2 naming the key if one is missing."""
+    cls = MODELS.get(model)
+    inputs = {f"dataset.splits.{s}": Path(p) for s, p in params.dataset.splits.items()}
+    inputs.update({f"dataset.durations.{i}": Path(p) for i, p in enumerate(params.dataset.durations)
+                   if params.dataset.format == "charades_sta"})
+    inputs.update(cls.input_files(params.model_config_of(model), data))
+    require_files(source, {k: str(v) for k, v in inputs.items()})
+    return inputs
+
+
+def run(params: Params, source: str, model: str) -> None:
+    cls = MODELS.get(model)
+    cfg = params.model_config_of(model)
+    t = params.trainer
+    data = data_context(params, model)
+    inputs = check_inputs(params, source, model, data)
+    if t.select_split is not None and t.select_split not in params.dataset.splits:
+        raise_params(source, f"key 'trainer.select_split': no split '{t.select_split}' in dataset.splits")
+    selects_on_eval = t.select_split == params.evaluate.split
+    if selects_on_eval:
+        log(f"WARNING: model selection on '{t.select_split}', the split evaluate reports (as the seeds did): "
+            "the reported numbers are optimistic")
+    result = fit(
+        model, cls, cfg, data,
+        device=t.device, num_workers=t.num_workers, select_split=t.select_split,
+        select_metric=t.select_metric, deterministic=t.deterministic, amp=t.amp, amp_dtype=t.amp_dtype,
+        resume=t.resume, keep_checkpoints=t.keep_checkpoints,
+        config_record={"dataset": params.dataset.model_dump()},
+    )
+    if result is None or not is_rank_zero():
+        return
+    record = provenance.make_record(
+        f"train@{model}",
+        subset(params, "seed", "dataset", "trainer", f"model.{model}") if model in params.model
+        else subset(params, "seed", "dataset", "trainer"),
+        inputs=inputs,
+        weights=result.weights,
+        code=CODE,
+        extra={"model_config": cfg.model_dump(), "selected_epoch": result.best_epoch,
+               "selected_on": t.select_split, "selected_on_evaluated_split": selects_on_eval,
+               "selection_metrics": result.best_metrics},
+    )
+    provenance.write_record(result.best_path, record)
+    log(f"train@{model}: kept epoch {result.best_epoch} -> {result.best_path}")
+
+
+def raise_params(source: str, message: str) -> None:
+    from pipeline.params import ParamsError
+
+    raise ParamsError(f"{source}: {message}")
