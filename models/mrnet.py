@@ -19,10 +19,34 @@ reproduce the code (see `Config`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from models import MODELS
+from models.common import (
+    FeatAvgPool,
+    ProposalConv,
+    SparseMaxPool,
+    contrastive_scores,
+    fuse_scores,
+    grounding_recall_metrics,
+    iou_scores,
+    moment_to_iou2d,
+    mutual_matching_loss,
+    rank_moments,
+    scaled_iou_bce_loss,
+    windows_from_predictions,
+)
+from pipeline.features import FeatureFile, load_video
+from pipeline.params import Section
+from pipeline.sentence_features import query_key, read_query_features
+from pipeline.trainer import DataContext, GroundingModel, Optimization, StepContext, TrainConfig
 
 # -- the maskable retention mask ------------------------------------------------------------------
 
@@ -246,3 +270,270 @@ class TransRet(nn.Module):
             loss = loss + layer_loss
         x = self.norm(x)
         return x[: text.shape[0]], x[text.shape[0]:], loss
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+class QueryEncoderConfig(Section):
+    """How `vmr sentence-features` encodes the queries MRNet reads (frozen, offline)."""
+
+    modality: Literal["text", "audio"] = "text"  # NLMR: DistilBERT; SLMR: wav2vec2-style audio encoder
+    encoder_dir: str | None = None  # local Hugging Face directory; None: seeded random init (weights: random)
+    encoder_sha256: str | None = None  # sha256 of the weights file in encoder_dir, checked when given
+    # audio: JSON {sentence: wav path relative to the manifest}; None: synthetic stand-in utterances
+    audio_manifest: str | None = None
+    splits: list[str] = Field(default_factory=lambda: ["train", "test"])
+    batch_size: int = Field(32, ge=1)
+
+
+class VideoProjection(nn.Sequential):
+    """The official `input_vid_proj`: [LN -> Dropout -> Linear -> ReLU] then [LN -> Dropout -> Linear]."""
+
+    def __init__(self, in_dim: int, dim: int, dropout: float = 0.5):
+        super().__init__(
+            nn.LayerNorm(in_dim), nn.Dropout(dropout), nn.Linear(in_dim, dim), nn.ReLU(),
+            nn.LayerNorm(dim), nn.Dropout(dropout), nn.Linear(dim, dim),
+        )
+
+
+QueryOrder = Literal["gt_start", "text"]
+
+
+def query_order(moments: Sequence[tuple[float, float]], sentences: Sequence[str], order: QueryOrder) -> list[int]:
+    """The order in which a video's queries enter the TransRet sequence (it matters: sine positions
+    and joint attention). "gt_start": by ground-truth start, as the official data sets do at train
+    AND test time (a test-label leak at inference); "text": by the sentence itself (honest)."""
+    if order == "gt_start":
+        return sorted(range(len(moments)), key=lambda i: moments[i][0])
+    return sorted(range(len(sentences)), key=lambda i: (sentences[i], i))
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+@MODELS.register("mrnet")
+class MRNet(GroundingModel):
+    """MRNet on top of MMN's blocks (models/common.py). Items are videos with all their queries."""
+
+    class Config(TrainConfig):
+        """Defaults: the official ActivityNet best config (`checkpoints/best/activity/config.yml`)."""
+
+        seed: int | None = 25285
+        epochs: int = 15
+        batch_size: int = 12  # videos
+        eval_batch_size: int = 12
+        grad_clip: float | None = 5.0
+        eval_from: int = 1  # SKIP_TEST 1: the official loop tests once epoch >= SKIP_TEST
+        select_metric: str = "R@1,IoU@0.5"
+        # inputs
+        feature: str = "c3d"  # video features: `features/<feature>.h5`
+        query_feature: str = "query_distilbert"  # frozen query features: `features/<query_feature>.h5`
+        query_encoder: QueryEncoderConfig = QueryEncoderConfig()
+        input_size: int = Field(500, ge=1)  # FEATPOOL.INPUT_SIZE
+        query_dim: int = Field(768, ge=1)  # INPUT_TEXT_DIM
+        num_pre_clips: int = Field(256, ge=1)  # INPUT.NUM_PRE_CLIPS (avgfeats target)
+        num_clips: int = Field(64, ge=1)  # N
+        pool_kernel: int = Field(4, ge=1)  # FEATPOOL.KERNEL_SIZE; stride num_pre_clips // num_clips
+        featpool_hidden: int = Field(512, ge=1)
+        pooling_counts: list[int] = Field(default_factory=lambda: [15, 8, 8])
+        dim: int = Field(256, ge=1)  # JOINT_SPACE_SIZE: TransRet width, map channels, output heads
+        predictor_hidden: int = Field(512, ge=1)
+        predictor_kernel: int = Field(9, ge=1)
+        predictor_layers: int = Field(4, ge=1)
+        # TransRet (SOLVER.* in the official config)
+        trans_layers: int = Field(2, ge=0)
+        heads: int = Field(8, ge=1)
+        gamma: float = Field(0.98, gt=0, le=1)
+        ffn_dim: int = Field(1024, ge=1)
+        dropout: float = Field(0.1, ge=0, lt=1)
+        input_dropout: float = Field(0.5, ge=0, lt=1)
+        att_mode: AttMode = "all"
+        mask_mode: MaskMode = "both"
+        bidirectional_decay: bool = True  # D_DOUBLE (diagonal 2)
+        att_softmax: bool = True
+        att_dropout: float | None = None
+        projection: Literal["matrices", "linear"] = "matrices"  # "linear": ret_model_tacos.py
+        no_softmax_weights: Literal["zeros", "logits"] = "zeros"  # see MaskableRetention
+        # losses (MODEL.RET.LOSS.* and SOLVER.*)
+        min_iou: float = 0.5
+        max_iou: float = 1.0
+        top_k: int = Field(1, ge=1)  # NUM_POSTIVE_VIDEO_PROPOSAL
+        neg_video_iou: float = 0.5
+        sent_removal_iou: float = 0.5
+        tau_video: float = 0.1
+        tau_sent: float = 0.1
+        margin: float = 0.3
+        contrastive_weight: float = 0.1
+        sparse_weight: float = 10.0
+        loss_ratio: float = 0.15  # overall_min = loss_ratio * batch_size * sparse_weight
+        sparsity_count_twice: bool = True  # official: sp is added again when sp >= overall_min
+        only_iou: int = 6  # full contrastive + sparsity weight while epoch <= only_iou, then x0.01
+        # optimiser
+        lr: float = 8e-4
+        milestones: list[int] = Field(default_factory=lambda: [7, 15])
+        # inference
+        nms_thresh: float = 0.5
+        score_pow: float = 0.5  # CONTRASTIVE_SCORE_POW
+        thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
+        test_query_order: QueryOrder = "gt_start"  # official; "text": honest (see query_order)
+        num_predictions: int = Field(5, ge=1)  # windows kept per query after NMS
+
+    def __init__(self, cfg: Config, data: DataContext):
+        super().__init__(cfg, data)
+        if cfg.num_pre_clips % cfg.num_clips:
+            raise ValueError(f"model.mrnet: num_pre_clips {cfg.num_pre_clips} is not a multiple of num_clips {cfg.num_clips}")
+        self.featpool = FeatAvgPool(cfg.input_size, cfg.featpool_hidden, cfg.pool_kernel, cfg.num_pre_clips // cfg.num_clips)
+        self.video_proj = VideoProjection(cfg.featpool_hidden, cfg.dim, cfg.input_dropout)
+        # The official text "encoder" holds two Linear(768 -> d); only the second (fc_out2) is used.
+        # The unused layers are kept so the parameter count and the checkpoint keys match the official model.
+        self.query_proj = nn.Linear(cfg.query_dim, cfg.dim)
+        self.query_proj_unused = nn.Linear(cfg.query_dim, cfg.dim)
+        self.transret = TransRet(
+            cfg.dim, cfg.trans_layers, cfg.ffn_dim, cfg.dropout, num_clips=cfg.num_clips, heads=cfg.heads,
+            gamma=cfg.gamma, att_mode=cfg.att_mode, mask_mode=cfg.mask_mode,
+            bidirectional_decay=cfg.bidirectional_decay, att_softmax=cfg.att_softmax, att_dropout=cfg.att_dropout,
+            projection=cfg.projection, no_softmax_weights=cfg.no_softmax_weights,
+        )
+        self.feat2d = SparseMaxPool(cfg.pooling_counts, cfg.num_clips)
+        self.proposal_conv = ProposalConv(cfg.dim, cfg.predictor_hidden, cfg.predictor_kernel, cfg.predictor_layers,
+                                          cfg.dim, self.feat2d.mask2d)
+        # `text_out`: Linear(d, d) fc_out1 gives the IoU-branch sentence feature; the contrastive branch
+        # uses the TransRet text memory directly. fc_out2 and the LayerNorm are unused (official).
+        self.text_out_iou = nn.Linear(cfg.dim, cfg.dim)
+        self.text_out_unused = nn.ModuleDict({"fc": nn.Linear(cfg.dim, cfg.dim), "norm": nn.LayerNorm(cfg.dim)})
+        self._query_file = data.feature_file(cfg.query_feature)
+        self._video_file = data.feature_file(cfg.feature)
+
+    # -- data -------------------------------------------------------------------------------------
+
+    def build_dataset(self, split: str, data: DataContext, train: bool) -> Dataset:
+        # Training always uses the official order (by ground-truth start); the test order is a flag.
+        order = "gt_start" if train else self.cfg.test_query_order
+        return VideoQueries(data.queries(split), self._video_file, self._query_file, self.cfg, order)
+
+    def collate(self, items: list[dict]) -> dict:
+        batch = {key: [item[key] for item in items] for key in items[0]}
+        batch["feats"] = torch.stack(batch["feats"])
+        return batch
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def encode(self, batch: dict) -> dict:
+        """Per video: TransRet over [its query tokens ; its clips], then MMN's 2D map and heads."""
+        clips = self.video_proj(self.featpool(batch["feats"]).transpose(1, 2))  # (B, N, d)
+        text_memory, video_memory, sparsity = [], [], clips.new_zeros(())
+        for video, queries in zip(clips, batch["queries"], strict=True):  # query counts differ per video
+            text, vid, loss = self.transret(self.query_proj(queries), video)
+            text_memory.append(text)
+            video_memory.append(vid)
+            sparsity = sparsity + loss  # summed over layers and videos, as the official loop does
+        map2d = self.feat2d(torch.stack(video_memory).transpose(1, 2))  # (B, d, N, N)
+        map_contrastive, map_iou = self.proposal_conv(map2d)
+        # IoU branch: text_out's Linear on the text memory; contrastive branch: the memory itself.
+        scores = iou_scores(map_iou, [self.text_out_iou(t) for t in text_memory], self.feat2d.mask2d)
+        return {"text": text_memory, "map_contrastive": map_contrastive, "iou_scores": scores, "sparsity": sparsity}
+
+    def training_step(self, batch: dict, ctx: StepContext) -> dict[str, Tensor]:
+        cfg, mask = self.cfg, self.feat2d.mask2d
+        out = self.encode(batch)
+        loss_iou = scaled_iou_bce_loss(torch.cat(out["iou_scores"]), torch.cat(batch["iou2d"]), mask,
+                                       cfg.min_iou, cfg.max_iou)
+        loss_vid, loss_sent = mutual_matching_loss(
+            out["map_contrastive"], out["text"], batch["iou2d"], batch["moments"], mask,
+            tau_video=cfg.tau_video, tau_sent=cfg.tau_sent, margin=cfg.margin, top_k=cfg.top_k,
+            neg_iou=cfg.neg_video_iou, sent_removal_iou=cfg.sent_removal_iou,
+        )
+        loss_vid, loss_sent = loss_vid * cfg.contrastive_weight, loss_sent * cfg.contrastive_weight
+        loss_sp = out["sparsity"] * cfg.sparse_weight
+        return {"loss": total_loss(loss_iou, loss_vid, loss_sent, loss_sp, ctx.epoch, cfg, ctx.world_size),
+                "loss_iou": loss_iou.detach(), "loss_vid": loss_vid.detach(), "loss_sent": loss_sent.detach(),
+                "loss_sp": loss_sp.detach()}
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict) -> list[dict]:
+        cfg, mask = self.cfg, self.feat2d.mask2d
+        out = self.encode(batch)
+        contrastive = contrastive_scores(out["map_contrastive"], out["text"], mask)
+        preds = []
+        for i, (con, iou) in enumerate(zip(contrastive, out["iou_scores"], strict=True)):
+            score2d = fuse_scores(con, iou, cfg.score_pow)
+            windows, scores, valid = rank_moments(score2d, mask, batch["duration"][i], cfg.nms_thresh,
+                                                  cfg.num_predictions)
+            for q, qid in enumerate(batch["qids"][i]):
+                preds.append({
+                    "qid": qid, "vid": batch["vid"][i],
+                    "pred_relevant_windows": [[round(float(s), 4), round(float(e), 4), round(float(c), 6)]
+                                              for (s, e), c, ok in zip(windows[q], scores[q], valid[q], strict=True)
+                                              if ok],
+                })
+        return preds
+
+    def metrics(self, predictions: list[dict], queries: list) -> dict[str, float]:
+        """MRNet's protocol: R@{1,5} at `thresholds` (after NMS, hit if IoU >= θ), top-1 mIoU, Best_R{k}."""
+        windows, valid, gt = windows_from_predictions(predictions, queries, max_windows=5)
+        return grounding_recall_metrics(windows, valid, gt, (1, 5), self.cfg.thresholds)
+
+    # -- optimisation -----------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Optimization:
+        # Official: AdamW(0.9, 0.99, wd 1e-5); the "bert" group is empty in MRNet (no BERT parameters).
+        opt = torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, betas=(0.9, 0.99), weight_decay=1e-5)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.cfg.milestones, gamma=0.1)
+        return Optimization(optimizers=[opt], schedulers=[sched], interval="epoch")
+
+    def weights_provenance(self) -> dict[str, str]:
+        from pipeline.provenance import read_record
+
+        record = read_record(self._query_file) or {}
+        return {"query_encoder": record.get("weights", {}).get("query_encoder", "unknown")}
+
+
+def total_loss(loss_iou: Tensor, loss_vid: Tensor, loss_sent: Tensor, loss_sp: Tensor, epoch: int, cfg, world_size: int = 1) -> Tensor:
+    """The official schedule: full weight while epoch <= only_iou, then x0.01 on everything but the
+    IoU loss; the sparsity term is added a second time when it is >= loss_ratio * batch * weight
+    (`sparsity_count_twice`, on by default as in the official trainer)."""
+    scale = 1.0 if epoch <= cfg.only_iou else 0.01
+    loss = loss_iou + scale * (loss_sent + loss_vid + loss_sp)
+    overall_min = cfg.loss_ratio * (cfg.batch_size // max(world_size, 1)) * cfg.sparse_weight
+    if cfg.sparsity_count_twice and loss_sp.item() >= overall_min:
+        loss = loss + scale * loss_sp
+    return loss
+
+
+class VideoQueries(Dataset):
+    """One item per video: its clip features and all its queries in the given order."""
+
+    def __init__(self, queries: Sequence, video_file, query_file, cfg: MRNet.Config, order: QueryOrder):
+        self.cfg, self.order = cfg, order
+        self.video_file = FeatureFile(video_file)
+        self.query_table = read_query_features(query_file)
+        self.query_file = query_file
+        by_video: dict[str, list] = {}
+        for q in queries:
+            by_video.setdefault(q.video_id, []).append(q)
+        self.videos = list(by_video.items())
+        missing = [q.sentence for q in queries if query_key(q.sentence) not in self.query_table]
+        if missing:
+            raise KeyError(f"{query_file}: no query feature for {len(missing)} sentences, e.g. {missing[0]!r} "
+                           f"(re-run `vmr sentence-features` for these splits)")
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, index: int) -> dict:
+        cfg = self.cfg
+        vid, queries = self.videos[index]
+        queries = [queries[i] for i in query_order([q.moment for q in queries], [q.sentence for q in queries], self.order)]
+        duration = float(queries[0].duration)
+        feats = load_video([self.video_file], vid, l2norm=True, num_clips=cfg.num_pre_clips)
+        moments = torch.tensor([q.moment for q in queries], dtype=torch.float32)
+        return {
+            "vid": vid,
+            "duration": duration,
+            "qids": [q.qid for q in queries],
+            "feats": torch.from_numpy(feats),
+            "queries": torch.from_numpy(np.stack([self.query_table[query_key(q.sentence)] for q in queries])),
+            "moments": moments,
+            "iou2d": torch.stack([moment_to_iou2d(m, cfg.num_clips, duration) for m in moments]),
+        }

@@ -134,3 +134,143 @@ def test_transret_layer_parameter_count():
     enc = TransRet(256, layers=1, num_clips=64)
     per_layer = 6 * 256 * 256 + (256 * 256 + 256) + 64 * 64 + (256 * 1024 + 1024 + 1024 * 256 + 256) + 2 * 512
     assert sum(p.numel() for p in enc.parameters()) == per_layer + 512
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from models.mrnet import MRNet, query_order, total_loss  # noqa: E402
+from pipeline.params import DatasetParams  # noqa: E402
+from pipeline.sentence_features import write_query_features  # noqa: E402
+from pipeline.trainer import DataContext, StepContext  # noqa: E402
+
+KINDS = ["the red circle moves left", "a square grows", "the triangle turns blue", "the star disappears"]
+TINY = dict(
+    seed=0, input_size=32, query_dim=24, num_pre_clips=16, num_clips=8, pool_kernel=2, pooling_counts=[7],
+    featpool_hidden=32, dim=32, heads=4, ffn_dim=64, predictor_hidden=32, predictor_kernel=3, predictor_layers=2,
+    trans_layers=1, batch_size=4, eval_batch_size=4, epochs=1, lr=1e-3, milestones=[100], only_iou=100,
+    thresholds=[0.3, 0.5, 0.7], loss_ratio=0.0,
+)
+
+
+def make_tiny_dataset(root: Path, num_train: int = 12, num_test: int = 4, seed: int = 0) -> DataContext:
+    """Videos of 16 one-second features; each event kind paints its own pattern on its segment and
+    its sentence has its own query vector, so a working model can learn to ground."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    patterns, query_vecs = rng.standard_normal((4, 32)) * 2, rng.standard_normal((4, 24))
+    (root / "features").mkdir(parents=True)
+    lines = {"train": [], "test": []}
+    rows = ["id,length"]
+    with h5py.File(root / "features" / "toy.h5", "w") as f:
+        for i in range(num_train + num_test):
+            split = "train" if i < num_train else "test"
+            vid = f"V{i:03d}"
+            feats = rng.standard_normal((16, 32)).astype(np.float32) * 0.5
+            kinds = rng.choice(4, size=int(rng.integers(2, 4)), replace=False)
+            bounds = np.sort(rng.choice(np.arange(1, 16), size=len(kinds) * 2, replace=False)).reshape(-1, 2)
+            for k, (s, e) in zip(kinds, bounds, strict=True):
+                feats[s:e] += patterns[k]
+                lines[split].append(f"{vid} {s:.1f} {e:.1f}##{KINDS[k]}")
+            f.create_dataset(vid, data=feats)
+            rows.append(f"{vid},16.0")
+    write_query_features(root / "features" / "query_toy.h5", KINDS, query_vecs.astype(np.float32))
+    for split, ls in lines.items():
+        (root / f"{split}.txt").write_text("\n".join(ls) + "\n")
+    (root / "lengths.csv").write_text("\n".join(rows) + "\n")
+    dataset = DatasetParams(name="toy", splits={s: str(root / f"{s}.txt") for s in lines},
+                            durations=[str(root / "lengths.csv")], video_captions=None)
+    return DataContext(dataset=dataset, features_dir=root / "features", vocab_dir=root, frames_dir=root,
+                       run_dir=root / "run", seed=seed)
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    return make_tiny_dataset(tmp_path)
+
+
+def tiny_model(data, **overrides) -> MRNet:
+    torch.manual_seed(0)
+    return MRNet(MRNet.Config(**{**TINY, "feature": "toy", "query_feature": "query_toy", **overrides}), data)
+
+
+def test_query_order_modes():
+    moments, sentences = [(5.0, 6.0), (1.0, 2.0), (3.0, 4.0)], ["b", "c", "a"]
+    assert query_order(moments, sentences, "gt_start") == [1, 2, 0]
+    assert query_order(moments, sentences, "text") == [2, 0, 1]
+
+
+def test_training_step_and_prediction(tiny):
+    model = tiny_model(tiny)
+    ds = model.build_dataset("train", tiny, train=True)
+    item = ds[0]
+    assert item["feats"].shape == (16, 32) and item["queries"].shape[1] == 24
+    assert item["iou2d"].shape == (len(item["qids"]), 8, 8)
+    assert torch.all(item["moments"][1:, 0] >= item["moments"][:-1, 0])  # sorted by GT start
+    batch = model.collate([ds[i] for i in range(4)])
+    out = model.training_step(batch, StepContext(epoch=1, step=0, world_size=1, optimizer_step=None))
+    assert set(out) == {"loss", "loss_iou", "loss_vid", "loss_sent", "loss_sp"}
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert model.transret.layers[0].retention.gate_logits.grad.abs().sum() > 0
+    assert model.query_proj_unused.weight.grad is None  # unused, as in the official model
+    model.eval()
+    test = model.build_dataset("test", tiny, train=False)
+    preds = model.predict_step(model.collate([test[i] for i in range(len(test))]))
+    queries = tiny.queries("test")
+    assert sorted(p["qid"] for p in preds) == sorted(q.qid for q in queries)
+    for p in preds:
+        scores = [w[2] for w in p["pred_relevant_windows"]]
+        assert 1 <= len(scores) <= 5 and scores == sorted(scores, reverse=True)
+        assert all(0 <= w[0] < w[1] <= 16.0 for w in p["pred_relevant_windows"])
+    metrics = model.metrics(preds, queries)
+    assert {"R@1,IoU@0.5", "R@5,IoU@0.7", "mIoU", "Best_R1"} <= set(metrics)
+
+
+def test_honest_test_order_changes_nothing_about_training(tiny):
+    official, honest = tiny_model(tiny), tiny_model(tiny, test_query_order="text")
+    assert all(torch.equal(a, b) for a, b in zip(official.state_dict().values(), honest.state_dict().values(), strict=True))
+    train_a, train_b = (m.build_dataset("train", tiny, train=True) for m in (official, honest))
+    for i in range(len(train_a)):
+        a, b = train_a[i], train_b[i]
+        assert a["qids"] == b["qids"] and torch.equal(a["queries"], b["queries"])
+    ctx = StepContext(epoch=1, step=0, world_size=1, optimizer_step=None)
+    losses = []
+    for model, ds in ((official, train_a), (honest, train_b)):
+        torch.manual_seed(1)  # same dropout masks
+        losses.append(model.training_step(model.collate([ds[i] for i in range(4)]), ctx)["loss"])
+    assert torch.equal(losses[0], losses[1])
+    # ... while the test sequences differ: GT-start order vs sentence order
+    test_a, test_b = (m.build_dataset("test", tiny, train=False) for m in (official, honest))
+    orders = [(test_a[i]["qids"], test_b[i]["qids"]) for i in range(len(test_a))]
+    assert all(sorted(a) == sorted(b) for a, b in orders) and any(a != b for a, b in orders)
+
+
+def test_sparsity_term_counted_twice_flag():
+    cfg = MRNet.Config(**TINY)
+    one = torch.tensor(1.0)
+    sp = torch.tensor(2.0)
+    assert total_loss(one, one, one, sp, 1, cfg) == 1 + 1 + 1 + 2 + 2  # loss_ratio 0: always twice
+    assert total_loss(one, one, one, sp, 1, cfg.model_copy(update={"sparsity_count_twice": False})) == 5
+    high = cfg.model_copy(update={"loss_ratio": 1.0})  # overall_min = 1 * 4 * 10 = 40 > 2
+    assert total_loss(one, one, one, sp, 1, high) == 5
+    late = total_loss(one, one, one, sp, 101, cfg)  # after only_iou: x0.01 except the IoU loss
+    assert torch.allclose(late, torch.tensor(1 + 0.01 * (1 + 1 + 2) + 0.01 * 2))
+
+
+@pytest.mark.parametrize("profile,millions", [
+    ("mrnet_activitynet.yaml", 77.55), ("mrnet_charades.yaml", 119.11), ("mrnet_tacos.yaml", 18.44),
+])
+def test_parameter_count_of_published_configs(profile, millions, tmp_path):
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "profiles" / profile).read_text())["model"]["mrnet"]
+    data = DataContext(dataset=None, features_dir=tmp_path, vocab_dir=tmp_path, frames_dir=tmp_path,
+                       run_dir=tmp_path, seed=0)
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = MRNet(MRNet.Config(**cfg), data)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.005)
