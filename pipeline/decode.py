@@ -1,0 +1,537 @@
+"""Decode every raw video once into the frame store (see pipeline/framestore.py for the layout).
+
+Per video (in a worker process):
+1. probe the container with PyAV: codec, file/stream start times, rotation, stream duration;
+2. read every frame's timestamp (decord: `get_frame_timestamp`, relative to the video stream's start,
+   shifted to the FILE start, which is the time origin of FFmpeg's fps filter);
+3. apply each requested `SamplingProtocol` rule to the timestamps (pipeline/sampling.py);
+4. decode only the union of the selected frames (sorted, in chunks), resize the short side and centre
+   crop with swscale (PyAV `reformat`: bilinear like HERO's ffmpeg `scale`, or bicubic), and write one
+   uint8 array per protocol;
+5. return the per-video record; the parent writes it last, as the "done" marker.
+
+decord 0.6 leaks memory per reader and can deadlock holding the GIL (dmlc/decord#373), so videos run
+in worker processes with a per-video timeout (the worker is killed and replaced) and each worker is
+replaced after `recycle_after` videos. decord also mis-shapes frames of rotated videos (its transpose
+filter yields an (H, W, 4)-shaped buffer and `get_batch` raises), so files with a display rotation are
+decoded with PyAV (same libavcodec family) and rotated with numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.atomic import remove_stale_temporaries, write_json, write_npy
+from pipeline.framestore import FAILURES, MANIFEST, RECORDS_DIR, FrameStore
+from pipeline.sampling import select
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv")
+# Codecs the decord 0.6 wheel cannot decode (it bundles FFmpeg 4.1 without dav1d/libaom).
+UNSUPPORTED_CODECS = {"av1": "the decord 0.6 wheel (FFmpeg 4.1) has no AV1 decoder; re-encode to H.264"}
+CHUNK = 64  # frames per decord get_batch call (bounds memory on long videos)
+_PROTOCOL_DIR = re.compile(r"^(fps_filter|uniform|every_n|all)-.+-[0-9a-f]{8}$")  # SamplingProtocol.key
+_DECIMALS = 6  # timestamps are stored rounded to 1 us: stable JSON, far below any frame interval
+
+
+class DecodeError(Exception):
+    """A video that cannot be decoded; the message is the reason in the failures report."""
+
+
+def list_videos(video_dir: str | Path) -> dict[str, Path]:
+    """video id (file stem) -> path, sorted; two files with the same stem are an error."""
+    video_dir = Path(video_dir)
+    found: dict[str, Path] = {}
+    for p in sorted(video_dir.iterdir()):
+        if not p.is_file() or p.suffix.lower() not in VIDEO_EXTENSIONS or p.name.startswith("."):
+            continue
+        if p.stem in found:
+            raise ValueError(f"{video_dir}: two videos with the id '{p.stem}': {found[p.stem].name}, {p.name}")
+        found[p.stem] = p
+    return dict(sorted(found.items()))
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- probing and reading ----------------------------------------------------------------------------
+
+
+def probe(path: Path) -> dict[str, Any]:
+    """Container facts from PyAV: codec, start offset of the video stream, rotation, durations."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as e:
+        raise DecodeError(f"unreadable container: {e}") from None
+    except OSError as e:
+        raise DecodeError(f"cannot open: {e}") from None
+    with container:
+        if not container.streams.video:
+            raise DecodeError("no video stream")
+        stream = container.streams.video[0]
+        codec = stream.codec_context.name
+        tb = float(stream.time_base) if stream.time_base else 0.0
+        file_start = container.start_time / 1e6 if container.start_time is not None else 0.0
+        stream_start = stream.start_time * tb if stream.start_time is not None else file_start
+        rotation = 0
+        if codec not in UNSUPPORTED_CODECS:
+            try:  # the display matrix is exposed on decoded frames
+                frame = next(container.decode(stream), None)
+                rotation = int(getattr(frame, "rotation", 0) or 0) if frame is not None else 0
+            except av.error.FFmpegError:
+                rotation = 0  # decode problems are reported by the decoder below
+        return {
+            "codec": codec,
+            "width": stream.codec_context.width,
+            "height": stream.codec_context.height,
+            "rotation": rotation % 360,
+            "avg_fps": float(stream.average_rate) if stream.average_rate else None,
+            # HERO's ffprobe-based duration is -1 without nb_frames (mkv/webm/ts): None here
+            "stream_duration": stream.duration * tb if stream.duration and stream.frames else None,
+            "nb_frames": stream.frames,
+            "start_offset": round(stream_start - file_start, _DECIMALS),
+        }
+
+
+class DecordReader:
+    """Timestamps and selected frames through decord (the default backend)."""
+
+    name = "decord"
+
+    def __init__(self, path: Path):
+        import decord
+
+        self.version = f"decord {decord.__version__}"
+        try:
+            self.vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        except Exception as e:  # decord raises DECORDError / RuntimeError with C++ context
+            raise DecodeError(f"decord cannot open: {_first_line(e)}") from None
+        self.num_frames = len(self.vr)
+
+    def timestamps(self) -> np.ndarray:
+        if self.num_frames == 0:
+            return np.zeros((0, 2))
+        return np.asarray(self.vr.get_frame_timestamp(np.arange(self.num_frames)), dtype=np.float64)
+
+    def frames(self, indices: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, len(indices), CHUNK):
+            chunk = [int(i) for i in indices[start : start + CHUNK]]
+            try:
+                batch = self.vr.get_batch(chunk).asnumpy()
+            except Exception as e:
+                raise DecodeError(f"decord failed on frames {chunk[0]}..{chunk[-1]}: {_first_line(e)}") from None
+            yield from zip(chunk, batch, strict=True)
+        self.vr.seek(0)  # stops decord's background decoding (dmlc/decord#157)
+
+
+class PyAVReader:
+    """Same interface via PyAV: used for rotated videos (decord mis-shapes them) or on request."""
+
+    name = "pyav"
+
+    def __init__(self, path: Path, rotation: int = 0):
+        import av
+
+        self.version = f"pyav {av.__version__} (FFmpeg {av.library_versions['libavcodec']})"
+        self.path, self.rotation = path, rotation
+        try:
+            with av.open(str(path)) as c:
+                stream = c.streams.video[0]
+                tb = float(stream.time_base)
+                start = stream.start_time or 0
+                pts, durations = [], []
+                for packet in c.demux(stream):
+                    if packet.pts is not None and packet.size > 0:
+                        pts.append(packet.pts)
+                        durations.append(packet.duration or 0)
+        except Exception as e:
+            raise DecodeError(f"PyAV cannot read packets: {_first_line(e)}") from None
+        order = np.argsort(pts, kind="stable")
+        self._pts = np.asarray(pts, dtype=np.int64)[order]
+        dur = np.asarray(durations, dtype=np.float64)[order] * tb
+        starts = (self._pts - start) * tb
+        # a packet without a duration ends where the next frame starts (the last one: zero length)
+        next_starts = np.append(starts[1:], starts[-1:])
+        stops = np.where(dur > 0, starts + dur, next_starts)
+        self._ts = np.stack([starts, stops], axis=1)
+        self.num_frames = len(starts)
+
+    def timestamps(self) -> np.ndarray:
+        return self._ts
+
+    def frames(self, indices: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        import av
+
+        wanted = {int(self._pts[i]): int(i) for i in indices}
+        k = self.rotation // 90  # PyAV's rotation is counter-clockwise degrees; rot90 turns CCW
+        try:
+            with av.open(str(self.path)) as c:
+                stream = c.streams.video[0]
+                stream.thread_type = "AUTO"
+                for frame in c.decode(stream):
+                    i = wanted.pop(frame.pts, None) if frame.pts is not None else None
+                    if i is None:
+                        continue
+                    img = frame.to_ndarray(format="rgb24")
+                    yield i, np.ascontiguousarray(np.rot90(img, k)) if k else img
+                    if not wanted:
+                        break
+        except av.error.FFmpegError as e:
+            raise DecodeError(f"PyAV decode error: {_first_line(e)}") from None
+        if wanted:
+            raise DecodeError(f"{len(wanted)} selected frames could not be decoded (truncated file?)")
+
+
+def resize_crop(img: np.ndarray, short_side: int, crop: int, interpolation: str) -> np.ndarray:
+    """Short side -> `short_side` (HERO's integer rule), then a centre `crop` square; uint8 RGB out."""
+    import av
+
+    h, w = img.shape[:2]
+    if short_side:
+        if h >= w:
+            new_h, new_w = int(h * short_side / w), short_side
+        else:
+            new_h, new_w = short_side, int(w * short_side / h)
+        if (new_h, new_w) != (h, w):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            img = frame.reformat(
+                width=new_w, height=new_h, interpolation=interpolation.upper()
+            ).to_ndarray(format="rgb24")
+            h, w = new_h, new_w
+    if crop:
+        if h < crop or w < crop:
+            raise DecodeError(f"frame {w}x{h} is smaller than the {crop}x{crop} crop")
+        y, x = int((h - crop) / 2), int((w - crop) / 2)
+        img = img[y : y + crop, x : x + crop]
+    return np.ascontiguousarray(img)
+
+
+# -- one video -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeTask:
+    video_id: str
+    path: str
+    store_root: str
+    protocols: tuple  # SamplingProtocol, ...
+    backend: str = "decord"  # "decord" (PyAV for rotated files) or "pyav"
+
+
+def decode_video(task: DecodeTask) -> dict[str, Any]:
+    """Decode one video for every protocol; returns its record (status ok). Raises DecodeError."""
+    path = Path(task.path)
+    store = FrameStore(task.store_root)
+    info = probe(path)
+    if info["codec"] in UNSUPPORTED_CODECS:
+        raise DecodeError(f"unsupported codec '{info['codec']}': {UNSUPPORTED_CODECS[info['codec']]}")
+    if task.backend == "pyav" or info["rotation"]:
+        reader: DecordReader | PyAVReader = PyAVReader(path, info["rotation"])
+    else:
+        reader = DecordReader(path)
+    ts = reader.timestamps()
+    if len(ts) == 0:
+        raise DecodeError("zero frames")
+    starts = ts[:, 0] + info["start_offset"]
+    stops = ts[:, 1] + info["start_offset"]
+    # FFmpeg's end time: last pts + last frame duration (1/avg fps when the file does not say)
+    last_stop = stops[-1] if stops[-1] > starts[-1] else starts[-1] + 1.0 / (info["avg_fps"] or 30.0)
+    end = float(last_stop)
+
+    selections = {}
+    for proto in task.protocols:
+        idx, windows, rate = select(proto, starts, stops, end, info["stream_duration"])
+        selections[proto.key] = (proto, idx, windows, rate)
+    needed = np.unique(np.concatenate([s[1] for s in selections.values()]))
+
+    # decode the union once; resize per distinct (size, crop, interpolation)
+    decoded: dict[int, np.ndarray] = {}
+    for i, img in reader.frames(needed):
+        decoded[i] = img
+    missing = [int(i) for i in needed if int(i) not in decoded]
+    if missing:
+        raise DecodeError(f"frames {missing[:5]} could not be decoded")
+
+    protocols: dict[str, Any] = {}
+    for key, (proto, idx, windows, rate) in selections.items():
+        resized: dict[int, np.ndarray] = {}
+        for i in np.unique(idx):
+            resized[int(i)] = resize_crop(decoded[int(i)], proto.short_side, proto.crop, proto.interpolation)
+        frames = np.stack([resized[int(i)] for i in idx]) if len(idx) else np.zeros((0, 1, 1, 3), np.uint8)
+        write_npy(store.frames_path(key, task.video_id), frames)
+        protocols[key] = {
+            "protocol": proto.as_dict(),
+            "rate": rate,
+            "count": int(len(idx)),
+            "frame_shape": list(frames.shape[1:]),
+            "source_index": idx.tolist(),
+            "pts": np.round(starts[idx], _DECIMALS).tolist(),
+            "windows": np.round(windows, _DECIMALS).tolist(),
+        }
+    return {
+        "video": task.video_id,
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_of(path),
+        "status": "ok",
+        "decoder": reader.version,
+        "codec": info["codec"],
+        "width": info["width"],
+        "height": info["height"],
+        "rotation": info["rotation"],
+        "native_fps": info["avg_fps"],
+        "num_frames": int(len(ts)),
+        "duration": round(end, _DECIMALS),
+        "stream_duration": None if info["stream_duration"] is None else round(info["stream_duration"], _DECIMALS),
+        "start_offset": info["start_offset"],
+        "protocols": protocols,
+    }
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+# -- worker pool with per-task timeout and recycling --------------------------------------------------
+
+
+def _worker_main(conn, fn: Callable[[Any], Any]) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    while True:
+        task = conn.recv()
+        if task is None:
+            return
+        try:
+            conn.send(("ok", fn(task)))
+        except DecodeError as e:
+            conn.send(("failed", str(e)))
+        except Exception as e:  # anything else about this one video: report it, keep working
+            conn.send(("failed", f"{type(e).__name__}: {_first_line(e)}"))
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Any
+    done: int = 0
+    task: Any = None
+    started: float = 0.0
+
+
+@dataclass
+class PoolResult:
+    task: Any
+    status: str  # "ok" | "failed"
+    value: Any  # the function's result, or the failure reason
+    extra: dict = field(default_factory=dict)
+
+
+def run_pool(
+    fn: Callable[[Any], Any],
+    tasks: Iterable[Any],
+    workers: int,
+    timeout_s: float,
+    recycle_after: int,
+) -> Iterator[PoolResult]:
+    """Run `fn(task)` in `workers` processes; yields results as they finish (any order).
+
+    A task running longer than `timeout_s` gets its worker killed (SIGKILL: a deadlocked decord thread
+    holds the GIL and cannot be interrupted) and reported as failed; a worker that dies is replaced; a
+    worker is retired after `recycle_after` tasks.
+    """
+    ctx = mp.get_context("spawn")  # no inherited decord/torch state; safe with threads in the parent
+    pending = list(tasks)[::-1]
+    pool: list[_Worker] = []
+
+    def spawn() -> _Worker:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker_main, args=(child, fn), daemon=True)
+        proc.start()
+        child.close()
+        return _Worker(proc, parent)
+
+    def retire(w: _Worker, kill: bool = False) -> None:
+        if kill:
+            w.process.kill()
+        else:
+            try:
+                w.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        w.process.join(timeout=10)
+        if w.process.is_alive():
+            w.process.kill()
+            w.process.join()
+        w.conn.close()
+        pool.remove(w)
+
+    try:
+        while pending or any(w.task is not None for w in pool):
+            # hand out work
+            while pending and (len(pool) < workers or any(w.task is None for w in pool)):
+                idle = next((w for w in pool if w.task is None), None)
+                if idle is None:
+                    idle = spawn()
+                    pool.append(idle)
+                idle.task, idle.started = pending.pop(), time.monotonic()
+                idle.conn.send(idle.task)
+            busy = [w for w in pool if w.task is not None]
+            deadline = min(w.started for w in busy) + timeout_s
+            ready = wait([w.conn for w in busy], timeout=max(0.0, deadline - time.monotonic()))
+            for w in busy:
+                if w.conn in ready:
+                    try:
+                        status, value = w.conn.recv()
+                    except (EOFError, OSError):
+                        code = w.process.exitcode if not w.process.is_alive() else None
+                        task, w.task = w.task, None
+                        retire(w, kill=True)
+                        yield PoolResult(task, "failed", f"worker crashed (exit code {code})")
+                        continue
+                    task, w.task = w.task, None
+                    w.done += 1
+                    if w.done >= recycle_after:
+                        retire(w)
+                    yield PoolResult(task, status, value)
+                elif time.monotonic() - w.started >= timeout_s:
+                    task, w.task = w.task, None
+                    retire(w, kill=True)
+                    yield PoolResult(task, "failed", f"timed out after {timeout_s:g} s (worker killed)")
+    finally:
+        for w in list(pool):
+            retire(w, kill=w.task is not None)
+
+
+# -- the whole store -------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodeSummary:
+    total: int
+    decoded: int  # decoded in this run
+    skipped: int  # already complete from an earlier run
+    failed: dict[str, str]  # video id -> reason
+
+    @property
+    def failure_share(self) -> float:
+        return len(self.failed) / self.total if self.total else 0.0
+
+
+def is_complete(store: FrameStore, video_id: str, source_sha256: str, keys: set[str]) -> bool:
+    """A finished video: record ok, same source bytes, and frames for every requested protocol."""
+    rec = store.read_record(video_id)
+    return (
+        rec is not None
+        and rec.get("status") == "ok"
+        and rec.get("sha256") == source_sha256
+        and keys <= set(rec.get("protocols", {}))
+        and all(store.frames_path(k, video_id).is_file() for k in keys)
+    )
+
+
+def decode_all(
+    videos: dict[str, Path],
+    store_root: str | Path,
+    protocols: list,
+    workers: int = 2,
+    timeout_s: float = 120.0,
+    recycle_after: int = 32,
+    backend: str = "decord",
+    on_result: Callable[[str, str], None] | None = None,
+) -> DecodeSummary:
+    """Decode `videos` (id -> path) for `protocols` into the store, resuming finished videos."""
+    store = FrameStore(store_root)
+    protocols = list({p.key: p for p in protocols}.values())  # equal protocols share frames
+    keys = {p.key for p in protocols}
+    tasks, skipped = [], 0
+    for vid, path in videos.items():
+        if is_complete(store, vid, sha256_of(path), keys):
+            skipped += 1
+            continue
+        tasks.append(DecodeTask(vid, str(path), str(store_root), tuple(protocols), backend))
+
+    failed: dict[str, str] = {}
+    decoded = 0
+    for res in run_pool(decode_video, tasks, workers, timeout_s, recycle_after):
+        vid = res.task.video_id
+        if res.status == "ok":
+            write_json(store.record_path(vid), res.value)
+            decoded += 1
+        else:
+            failed[vid] = res.value
+            path = Path(res.task.path)
+            write_json(
+                store.record_path(vid),
+                {"video": vid, "file": path.name, "status": "failed", "reason": res.value, "protocols": {}},
+            )
+        if on_result:
+            on_result(vid, res.status)
+    _prune(store, videos, keys, set(failed))
+    _write_reports(store, videos)
+    return DecodeSummary(total=len(videos), decoded=decoded, skipped=skipped, failed=failed)
+
+
+def _prune(store: FrameStore, videos: dict[str, Path], keys: set[str], failed: set[str]) -> None:
+    """Delete what a fresh run would not write: other videos, other protocols, frames of failures.
+
+    With DVC `persist: true` the store survives between runs, so without this a re-run after a params
+    change would not be byte-identical to a clean run.
+    """
+    remove_stale_temporaries(store.root)
+    if not store.root.is_dir():
+        return
+    for sub in sorted(store.root.iterdir()):
+        if not sub.is_dir():
+            continue
+        if sub.name == RECORDS_DIR:
+            for rec in sub.glob("*.json"):
+                if rec.stem not in videos:
+                    rec.unlink()
+        elif sub.name not in keys:
+            if _PROTOCOL_DIR.match(sub.name):  # only ever delete what decode itself wrote
+                shutil.rmtree(sub)
+        else:
+            for f in sub.glob("*.npy"):
+                if f.stem not in videos or f.stem in failed:
+                    f.unlink()
+
+
+def _write_reports(store: FrameStore, videos: dict[str, Path]) -> None:
+    """manifest.json and failures.json from the per-video records, sorted (deterministic)."""
+    manifest, failures = {}, []
+    for vid in videos:
+        rec = store.read_record(vid)
+        if rec is None:
+            continue
+        summary = {k: v for k, v in rec.items() if k != "protocols"}
+        summary["protocols"] = {
+            key: {k: v for k, v in entry.items() if k not in ("source_index", "pts", "windows")}
+            for key, entry in rec.get("protocols", {}).items()
+        }
+        manifest[vid] = summary
+        if rec["status"] != "ok":
+            failures.append({"video": vid, "file": rec["file"], "reason": rec["reason"]})
+    write_json(store.root / MANIFEST, {"videos": manifest})
+    write_json(
+        store.root / FAILURES,
+        {"total": len(videos), "failed": len(failures), "failures": failures},
+    )

@@ -1,0 +1,41 @@
+"""Stage `merge@<feature>`: `merge.npy_dir`/<feature>/ -> `merge.out_dir`/<feature>.h5."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.h5merge import MergeError, export_npz, merge_to_hdf5
+from pipeline.params import Params, require_files, subset
+from pipeline.progress import log, make_progress
+from pipeline.provenance import make_record, read_record
+
+
+def run(params: Params, source: str, feature: str, **_: object) -> None:
+    from extractors import EXTRACTORS
+
+    p = params.merge
+    src = Path(p.npy_dir) / feature
+    require_files(source, {"merge.npy_dir": str(src)})
+    dim = EXTRACTORS.get(feature).dim if feature in EXTRACTORS else None
+    out = Path(p.out_dir) / f"{feature}.h5"
+    upstream = read_record(src) or {}
+    record = make_record(
+        f"merge@{feature}",
+        subset(params, "merge"),
+        inputs={"features": str(src)},
+        weights=upstream.get("weights"),
+        extra={"extractor": upstream.get("extractor"), "decoder": upstream.get("decoder")},
+    )
+    with make_progress() as progress:
+        bar = progress.add_task(f"merge {feature}", total=None)
+        try:
+            summary = merge_to_hdf5(
+                src, out, dtype=p.dtype, compression=p.compression, layout=p.layout, dim=dim,
+                provenance=record, progress=lambda: progress.advance(bar),
+            )
+        except MergeError as e:
+            raise SystemExit(f"error: merge@{feature}: {e}") from None
+    log(f"merge {feature}: {summary.videos} videos, dim {summary.dim}, {summary.total_rows} rows -> {out}")
+    if p.export_npz_dir:
+        n = export_npz(out, Path(p.export_npz_dir) / feature)
+        log(f"merge {feature}: exported {n} .npz files to {Path(p.export_npz_dir) / feature}")
