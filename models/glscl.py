@@ -19,8 +19,10 @@ pairs in blocks with `score`, which has no learned weights.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -361,9 +363,12 @@ class GLSCL(RetrievalModel):
         return self.pair_scores(eot, text_concepts, frames, mask, video_concepts).float()
 
     def metrics(self, result: RetrievalResult) -> dict[str, float]:
-        from pipeline.evaluation import retrieval_metrics
+        """CLIP4Clip's R@1/5/10/50, MdR, MnR both ways (shared evaluator), as "t2v_R1", "v2t_MdR", ..."""
+        from pipeline.evaluation import evaluate_retrieval
 
-        return retrieval_metrics(_ground_truth_on_diagonal(result))
+        sim = _ground_truth_on_diagonal(result).numpy().astype(np.float32)  # float32: the tie test is exact
+        return {f"{direction}_{name.replace('@', '')}": value
+                for direction, table in evaluate_retrieval(sim).items() for name, value in table.items()}
 
     # -- training -----------------------------------------------------------------------------------
 
@@ -389,12 +394,38 @@ class GLSCL(RetrievalModel):
 
     # -- data ---------------------------------------------------------------------------------------
 
+    @classmethod
+    def input_files(cls, cfg: GLSCL.Config, data: DataContext) -> dict[str, Path]:
+        files: dict[str, Path] = {}
+        if cfg.input == "features":
+            files[f"features.{cfg.feature}"] = data.feature_file(cfg.feature)
+        else:
+            files["decode.out_dir"] = Path(data.frames_dir)
+        if cfg.source == "msrvtt":
+            root = Path(cfg.msrvtt_dir)
+            for name in ("MSRVTT_data.json", cfg.msrvtt_train_csv, "MSRVTT_JSFUSION_test.csv"):
+                files[f"model.glscl.msrvtt_dir/{name}"] = root / name
+        elif data.dataset.video_captions:
+            files["dataset.video_captions"] = Path(data.dataset.video_captions)
+        if cfg.weights:
+            files["model.glscl.weights"] = Path(cfg.weights)
+        return files
+
+    @staticmethod
+    def frame_protocol():
+        """The frames `vmr decode` must keep for end-to-end training (1 fps, 224 crop, bicubic)."""
+        from pipeline.retrieval_data import glscl_protocol
+
+        return glscl_protocol()
+
     def _pairs(self, split: str) -> list[tuple[Any, str, str]]:
         """(qid, video id, caption) of a split, in file order."""
         from pipeline.retrieval_data import retrieval_pairs
 
         if self._data is None:
             raise ValueError("GLSCL was built without a DataContext: no data to read")
+        if self.cfg.vocab_size < 49408:
+            raise ValueError(f"model.glscl.vocab_size {self.cfg.vocab_size}: CLIP's BPE tokenizer needs 49408")
         return retrieval_pairs(self.cfg, self._data, split)
 
     def _train_pairs(self) -> list:

@@ -129,10 +129,10 @@ class FrameClips:
         self.augment, self.seed, self._calls = augment, seed, 0
 
     def load_uint8(self, vid: str) -> np.ndarray:
-        """(n, H, W, 3) uint8 frames at 1 fps from the frame store."""
-        from pipeline.decode import read_frames  # issue 3's frame store
+        """(n, H, W, 3) uint8 frames at 1 fps from the decode stage's frame store."""
+        from pipeline.framestore import FrameStore
 
-        return read_frames(self.frames_dir, vid, glscl_protocol())
+        return np.asarray(FrameStore(self.frames_dir).load(vid, glscl_protocol().key).frames)
 
     def transform(self, frames: np.ndarray) -> torch.Tensor:
         from torchvision.transforms import v2
@@ -157,8 +157,8 @@ class FrameClips:
 
 
 def glscl_protocol():
-    """GLSCL's frames: 1 per second from the start (the released stride round(fps)), short side 224
-    bicubic, centre crop 224 (done again after RandAugment-free resizing in FrameClips)."""
+    """GLSCL's frames: one per second, the first at or after each whole second (the released decord
+    stride round(fps) from frame 0), short side 224 bicubic, centre crop 224."""
     from extractors._base import SamplingProtocol
 
     return SamplingProtocol(rule="uniform", rate=1.0, short_side=224, crop=224, interpolation="bicubic")

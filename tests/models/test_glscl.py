@@ -408,3 +408,79 @@ def test_feature_clips_sample_and_pad(tmp_path):
     assert mask.tolist() == [1, 1, 0, 0] and video[2:].abs().sum() == 0
     with pytest.raises(KeyError, match="v3"):
         clips("v3")
+
+
+# -- the shared trainer: train + evaluate on frozen features ------------------------------------------
+
+COLOURS = ["red", "green", "blue", "white", "yellow", "purple"]
+SHAPES = ["circle", "square", "triangle"]
+
+
+def _tiny_retrieval_dataset(root, dim=64):
+    """18 videos (12 train / 6 test): a caption names a colour and a shape, and the video's frozen frame
+    features carry them in fixed random directions plus noise."""
+    import h5py
+
+    from pipeline.params import DatasetParams
+
+    rng = np.random.default_rng(0)
+    colour_dir, shape_dir = rng.normal(size=(6, dim)), rng.normal(size=(3, dim))
+    vids = [f"S{i:04d}" for i in range(18)]
+    captions, lines = {}, {"train": [], "test": []}
+    ann = root / "annotations"
+    ann.mkdir(parents=True)
+    (root / "features").mkdir()
+    with h5py.File(root / "features" / "clip.h5", "w") as f:
+        for i, vid in enumerate(vids):
+            c, s = i % 6, (i // 6) % 3
+            captions[vid] = f"the {COLOURS[c]} {SHAPES[s]} moves"
+            t = 3 + i % 5
+            f[vid] = (colour_dir[c] + shape_dir[s] + 0.3 * rng.normal(size=(t, dim))).astype(np.float32)
+            lines["train" if i < 12 else "test"].append(f"{vid} 0.0 1.0##{captions[vid]}.\n")
+    (ann / "video_captions.json").write_text(json.dumps(captions))
+    rows = "".join(f"{v},,,,,,,,,,10.0\n" for v in vids)
+    (ann / "durations.csv").write_text("id,subject,scene,quality,relevance,verified,script,objects,"
+                                       "descriptions,actions,length\n" + rows)
+    for split in ("train", "test"):
+        (ann / f"{split}.txt").write_text("".join(lines[split]))
+    return DatasetParams(splits={s: str(ann / f"{s}.txt") for s in ("train", "test")},
+                         durations=[str(ann / "durations.csv")], video_captions=str(ann / "video_captions.json"))
+
+
+def test_trains_and_evaluates_on_frozen_features_with_the_shared_trainer(tmp_path):
+    from pipeline.trainer import (
+        DataContext,
+        _eval_data,
+        fit,
+        load_for_evaluation,
+        predict_and_score,
+        setup_distributed,
+    )
+
+    dataset = _tiny_retrieval_dataset(tmp_path)
+    data = DataContext(dataset=dataset, features_dir=tmp_path / "features", vocab_dir=tmp_path / "vocab",
+                       frames_dir=tmp_path / "frames", run_dir=tmp_path / "runs" / "glscl", seed=0)
+    cfg = GLSCL.Config(**{**TINY, "vocab_size": 49408, "context_length": 32, "max_words": 16,
+                          "input": "features", "epochs": 12, "batch_size": 6, "eval_batch_size": 4,
+                          "coef_lr": 1.0, "lr": 1e-3, "weight_decay": 0.0, "eval_every": 12})
+    assert set(GLSCL.input_files(cfg, data)) == {"features.clip", "dataset.video_captions"}
+    result = fit("glscl", GLSCL, cfg, data, device="cpu", select_split="test", amp=False)
+    assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
+    env = setup_distributed("cpu")
+    model, state = load_for_evaluation(GLSCL, result.best_path, data, env.device)
+    preds, metrics = predict_and_score(model, _eval_data(model, "test", data), 4, env)
+    assert preds.similarity.shape == (6, 6) and preds.text_vids == preds.video_vids
+    assert metrics == pytest.approx(result.best_metrics)
+    assert {"t2v_R1", "t2v_R5", "t2v_MdR", "t2v_MnR", "v2t_R1"} <= set(metrics)
+    assert metrics["t2v_R1"] >= 50.0  # chance is 100/6 on these held-out videos
+
+
+def test_metrics_follow_clip4clip_ties():
+    from pipeline.trainer import RetrievalResult
+
+    sim = torch.tensor([[0.9, 0.9, 0.1], [0.2, 0.8, 0.3], [0.1, 0.5, 0.4]])
+    # videos listed in another order: metrics() puts each text's video on the diagonal first
+    result = RetrievalResult(similarity=sim[:, [2, 0, 1]], text_qids=[0, 1, 2], text_vids=["a", "b", "c"],
+                             video_vids=["c", "a", "b"])
+    m = tiny().metrics(result)
+    assert (m["t2v_R1"], m["t2v_MdR"], m["t2v_MnR"]) == (50.0, 1.5, 1.5)
