@@ -1,0 +1,224 @@
+"""C3D (Sports-1M) fc6/fc7 features, with the key layout of the widely used `c3d.pickle` port.
+
+Network: 8 convolutions (3x3x3, pad 1) and 5 pools, fc6/fc7 4096-d, fc8 487 Sports-1M classes;
+input 3 x 16 x 112 x 112. `c3d.pickle` is a plain state dict (`conv1.weight` ... `fc8.bias`) and
+loads strictly. Features are post-ReLU (Caffe's fc6-1/fc7-1 blobs were post-ReLU: in-place ReLU).
+
+Preprocessing (documented choice, recorded in provenance): frames resized to 128x171 (HxW),
+centre crop 112, channels in BGR order (Caffe), per-channel mean [90, 98, 102] (BGR) subtracted
+from 0..255 values: the convention of the common PyTorch ports of the Caffe model.
+
+Protocols:
+- `clips16`: 16-frame clips every 8 frames (the ActivityNet challenge protocol; also ViGA's TACoS
+  fc6 alternative); optional PCA to 500-d with the official `PCA_activitynet_v1-3.hdf5`.
+- `tall64`: TALL windows as 2D-TAN reads them: 64 frames, stride 12, (N - 64) // 12 + 1 windows.
+- `tall128`: TALL windows as VSLNet/MESM read them: 128 frames, stride 25, over N - 16 frames.
+  A window vector is the mean of fc6 over its non-overlapping 16-frame units (TALL's pooling is
+  not in its repository; this is the documented assumption).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from extractors import EXTRACTORS
+from extractors._base import (
+    Extractor,
+    ExtractorConfig,
+    SamplingProtocol,
+    VideoInfo,
+    WeightsError,
+    check_state_dict,
+    torch_load,
+    unwrap_state_dict,
+)
+from extractors._clips import c3d_plan, c3d_resize_crop, make_units
+
+C3D_FEATURE_DIM = 4096
+C3D_MEAN_BGR = (90.0, 98.0, 102.0)
+
+
+class C3D(nn.Module):
+    """C3D with `c3d.pickle`'s module names; `features(x, layer)` returns post-ReLU fc6 or fc7."""
+
+    def __init__(self, num_classes: int = 487):
+        super().__init__()
+        conv = lambda i, o: nn.Conv3d(i, o, kernel_size=3, padding=1)  # noqa: E731
+        self.conv1 = conv(3, 64)
+        self.pool1 = nn.MaxPool3d((1, 2, 2), (1, 2, 2))
+        self.conv2 = conv(64, 128)
+        self.pool2 = nn.MaxPool3d(2, 2)
+        self.conv3a, self.conv3b = conv(128, 256), conv(256, 256)
+        self.pool3 = nn.MaxPool3d(2, 2)
+        self.conv4a, self.conv4b = conv(256, 512), conv(512, 512)
+        self.pool4 = nn.MaxPool3d(2, 2)
+        self.conv5a, self.conv5b = conv(512, 512), conv(512, 512)
+        self.pool5 = nn.MaxPool3d(2, 2, padding=(0, 1, 1))
+        self.fc6 = nn.Linear(8192, 4096)
+        self.fc7 = nn.Linear(4096, 4096)
+        self.fc8 = nn.Linear(4096, num_classes)
+        self.dropout = nn.Dropout(0.5)
+
+    def conv_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(F.relu(self.conv1(x)))
+        x = self.pool2(F.relu(self.conv2(x)))
+        x = self.pool3(F.relu(self.conv3b(F.relu(self.conv3a(x)))))
+        x = self.pool4(F.relu(self.conv4b(F.relu(self.conv4a(x)))))
+        x = self.pool5(F.relu(self.conv5b(F.relu(self.conv5a(x)))))
+        return x
+
+    def features(self, x: torch.Tensor, layer: str = "fc6") -> torch.Tensor:
+        """(B, 3, 16, 112, 112) -> (B, 4096) post-ReLU fc6 or fc7."""
+        x = self.conv_trunk(x)
+        if x.shape[1:] != (512, 1, 4, 4):
+            raise ValueError(
+                f"C3D expects 3x16x112x112 clips; input {tuple(x.shape)} at pool5 is not 512x1x4x4"
+            )
+        x = F.relu(self.fc6(x.flatten(1)))
+        if layer == "fc6":
+            return x
+        if layer != "fc7":
+            raise ValueError(f"C3D feature layer must be 'fc6' or 'fc7', got {layer!r}")
+        return F.relu(self.fc7(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc8(self.dropout(self.features(x, "fc7")))
+
+
+# -- ActivityNet PCA ------------------------------------------------------------------------------
+
+
+class PCAProjection:
+    """The ActivityNet challenge PCA (`PCA_activitynet_v1-3.hdf5`: `U`, `S`, `x_mean`).
+
+    y = (x - x_mean) @ U[:, :dim]: principal directions are U's columns (4096 x K), no whitening
+    (S is read and checked, not applied).
+    """
+
+    def __init__(self, U: np.ndarray, S: np.ndarray, x_mean: np.ndarray, dim: int = 500, source: str = "PCA"):
+        U, S, x_mean = np.asarray(U, np.float64), np.asarray(S, np.float64), np.asarray(x_mean, np.float64).reshape(-1)
+        if U.ndim != 2 or U.shape[0] != x_mean.shape[0]:
+            raise WeightsError(f"{source}: 'U' must be (D, K) with D = len(x_mean) = {x_mean.shape[0]}, got {U.shape}")
+        if dim > U.shape[1] or S.reshape(-1).shape[0] < dim:
+            raise WeightsError(f"{source}: asked for {dim} components, file has U {U.shape}, S {S.shape}")
+        self.components = U[:, :dim]
+        self.mean = x_mean
+        self.dim = dim
+
+    @classmethod
+    def from_file(cls, path: str, dim: int = 500) -> PCAProjection:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("U", "S", "x_mean") if k not in f]
+            if missing:
+                raise WeightsError(f"{path}: PCA file lacks keys {missing} (expected U, S, x_mean)")
+            return cls(f["U"][()], f["S"][()], f["x_mean"][()], dim=dim, source=path)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.shape[-1] != self.mean.shape[0]:
+            raise ValueError(f"PCA expects {self.mean.shape[0]}-d features, got {x.shape[-1]}")
+        return ((x.astype(np.float64) - self.mean) @ self.components).astype(np.float32)
+
+
+class C3DFeatures(nn.Module):
+    """C3D plus the optional PCA, as one module: `forward` maps clips to (B, D) features."""
+
+    def __init__(self, layer: str, pca: PCAProjection | None):
+        super().__init__()
+        self.net = C3D()
+        self.layer = layer
+        if pca is not None:
+            self.register_buffer("pca_components", torch.as_tensor(pca.components, dtype=torch.float64))
+            self.register_buffer("pca_mean", torch.as_tensor(pca.mean, dtype=torch.float64))
+        self.pca = pca is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, F, 112, 112), F a multiple of 16 -> (B, D): fc of each 16-frame unit, averaged."""
+        b, c, f, h, w = x.shape
+        if f % 16:
+            raise ValueError(f"C3D clips must be a multiple of 16 frames, got {f}")
+        units = x.view(b, c, f // 16, 16, h, w).transpose(1, 2).reshape(b * (f // 16), c, 16, h, w)
+        feats = self.net.features(units, self.layer).view(b, f // 16, -1).float().mean(dim=1)
+        if self.pca:
+            # float64 outside autocast: the projection is cheap and must not lose precision
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                feats = ((feats.double() - self.pca_mean) @ self.pca_components).float()
+        return feats
+
+
+@EXTRACTORS.register("c3d")
+class C3DExtractor(Extractor):
+    """C3D (Sports-1M) fc6/fc7, 4096-d (500-d with the ActivityNet PCA)."""
+
+    name = "c3d"
+    dim = C3D_FEATURE_DIM
+
+    class Config(ExtractorConfig):
+        protocol: Literal["clips16", "tall64", "tall128"] = "clips16"
+        stride: int = Field(8, ge=1)  # clips16: frames between clip starts
+        tail: Literal["pad", "drop"] = "pad"  # clips16: last partial clip padded, or dropped
+        layer: Literal["fc6", "fc7"] = "fc6"  # TALL/TACoS: fc6; ActivityNet: fc7 (+ PCA 500)
+        channel_order: Literal["bgr", "rgb"] = "bgr"  # Caffe C3D was trained on BGR
+        mean: tuple[float, float, float] = C3D_MEAN_BGR  # per channel, in `channel_order`, 0..255 scale
+        pca: str | None = None  # ActivityNet PCA_activitynet_v1-3.hdf5 (U, S, x_mean)
+        pca_sha256: str | None = None
+        pca_dim: int = Field(500, ge=1)
+        batch_size: int = Field(8, ge=1)
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        if self.config.pca:
+            self.dim = self.config.pca_dim
+
+    def protocol(self) -> SamplingProtocol:
+        # Every native frame, short side 128: `group` finishes the 128x171 resize and 112 crop
+        # (a short-side resize cannot express 171-wide frames for every aspect ratio).
+        return SamplingProtocol(rule="all", short_side=128, crop=0)
+
+    def plan(self, num_frames: int):
+        c = self.config
+        return c3d_plan(num_frames, c.protocol, c.stride, c.tail)
+
+    def group(self, frames, windows, video: VideoInfo | None = None):
+        plan = self.plan(len(frames))
+        return make_units(frames, plan.clips, c3d_resize_crop), plan.row_windows(windows)
+
+    def build_model(self) -> torch.nn.Module:
+        from pipeline.provenance import weights_record
+
+        torch.manual_seed(self.config.seed)
+        pca = None
+        if self.config.pca:
+            weights_record(self.config.pca, self.config.pca_sha256)  # raises on a digest mismatch
+            pca = PCAProjection.from_file(self.config.pca, self.config.pca_dim)
+        return C3DFeatures(self.config.layer, pca).eval()
+
+    def load_weights(self, model: torch.nn.Module, path: str) -> None:
+        check_state_dict(model.net, unwrap_state_dict(torch_load(path), path), path)
+
+    def preprocess(self, units: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB (B, F, 112, 112, 3) -> (B, 3, F, 112, 112), channel order of the weights, minus mean."""
+        x = units.float()
+        if self.config.channel_order == "bgr":
+            x = x.flip(-1)
+        x = x - torch.tensor(self.config.mean, device=x.device)
+        return x.permute(0, 4, 1, 2, 3)
+
+    def embed(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    def describe(self) -> dict:
+        out = super().describe()
+        if self.config.pca:
+            from pipeline.provenance import sha256_file
+
+            out["pca_sha256"] = sha256_file(self.config.pca)
+        out["plan"] = self.plan(10_000).info
+        return out
