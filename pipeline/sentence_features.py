@@ -50,19 +50,72 @@ def _standardised_mean(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def encode_sentences(sentences: Sequence[str], tokenizer: Any, model: torch.nn.Module, batch_size: int = 32) -> np.ndarray:
-    """Sentence features from a DistilBERT-style encoder (HF tokenizer + model returning last_hidden_state).
+    """Sentence features from a DistilBERT-style encoder (`last_hidden_state`).
 
-    Sentences are batched with padding; pad positions are excluded from the mean, so each row
-    equals encoding that sentence alone (the official setting).
+    `tokenizer` is a `tokenizers.Tokenizer` with BERT post-processing ([CLS] ... [SEP]), the
+    tokenizer MMN uses. Sentences are batched with padding; pad positions are excluded from the
+    mean, so each row equals encoding that sentence alone (the official setting).
     """
+    from torch.nn.utils.rnn import pad_sequence
+
     model.eval()
+    pad_id = tokenizer.token_to_id("[PAD]") or 0
     out = []
     for start in track(range(0, len(sentences), batch_size), "encode sentences"):
-        batch = [query_key(s) for s in sentences[start : start + batch_size]]
-        tokens = tokenizer(batch, padding=True, return_tensors="pt")
-        hidden = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
-        out.append(_standardised_mean(hidden, tokens["attention_mask"]).numpy())
+        encodings = tokenizer.encode_batch([query_key(s) for s in sentences[start : start + batch_size]])
+        ids = pad_sequence([torch.tensor(e.ids) for e in encodings], batch_first=True, padding_value=pad_id)
+        lengths = torch.tensor([len(e.ids) for e in encodings])
+        keep = torch.arange(ids.shape[1])[None] < lengths[:, None]
+        hidden = model(input_ids=ids, attention_mask=keep.long()).last_hidden_state
+        out.append(_standardised_mean(hidden, keep).numpy())
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, model.config.hidden_size), np.float32)
+
+
+def load_text_encoder(encoder_dir: str | os.PathLike | None, train_sentences: Sequence[str], seed: int = 0,
+                      vocab_size: int = 30522) -> tuple[Any, torch.nn.Module]:
+    """(tokenizer, DistilBERT) from a local HF directory (config + weights + vocab.txt), or a seeded
+    random distilbert-base-shaped encoder with a WordPiece vocabulary trained on `train_sentences`.
+
+    The vocab.txt reader is MMN's (one loader for both models)."""
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from models.mmn import wordpiece_from_vocab
+
+    if encoder_dir is None:
+        torch.manual_seed(seed)
+        tokenizer = deterministic_wordpiece(train_sentences, vocab_size)
+        return tokenizer, DistilBertModel(DistilBertConfig(vocab_size=vocab_size, pad_token_id=0))
+    path = Path(encoder_dir)
+    if not (path / "vocab.txt").is_file():
+        raise FileNotFoundError(f"{path}: text encoder directory has no vocab.txt")
+    return wordpiece_from_vocab(path / "vocab.txt"), DistilBertModel.from_pretrained(str(path), local_files_only=True)
+
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def deterministic_wordpiece(sentences: Iterable[str], vocab_size: int) -> Any:
+    """A BERT-uncased-style WordPiece tokenizer whose vocabulary is a pure function of `sentences`:
+    the special tokens, every character (as a word start and as a `##` continuation), then whole
+    words by descending frequency (ties alphabetical) up to `vocab_size`.
+
+    `tokenizers`' WordPiece *trainer* breaks ties by hash order, which changes from one process to
+    the next; a cached artifact (the sentence features) must not.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for s in sentences for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(s)))
+    chars = sorted({c for w in words for c in w})
+    vocab = list(SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
+    ranked = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    vocab += ranked[: max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre
+    tok.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
+    return tok
 
 
 @torch.no_grad()
@@ -133,6 +186,22 @@ def synthetic_speech(text: str, sample_rate: int = SAMPLE_RATE, seconds_per_char
         parts.append(window * (0.5 * np.sin(2 * np.pi * f1 * t) + 0.3 * np.sin(2 * np.pi * f2 * t)))
     wav = np.concatenate(parts or [np.zeros(n)])
     return (0.8 * wav + 0.01 * rng.standard_normal(wav.shape)).astype(np.float32)
+
+
+def load_audio_encoder(encoder_dir: str | os.PathLike | None, seed: int = 0) -> tuple[Any, torch.nn.Module]:
+    """(feature extractor, model) from a local wav2vec2-style HF directory (wav2vec2, data2vec-audio,
+    UniSpeech-SAT: anything AutoModel loads with a `last_hidden_state`), or a seeded random
+    wav2vec2-base-shaped encoder (768-d, 12 layers) when `encoder_dir` is None."""
+    from transformers import AutoFeatureExtractor, AutoModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    if encoder_dir is None:
+        torch.manual_seed(seed)
+        return Wav2Vec2FeatureExtractor(sampling_rate=SAMPLE_RATE, do_normalize=True), Wav2Vec2Model(Wav2Vec2Config())
+    path = Path(encoder_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: audio encoder directory not found")
+    extractor = AutoFeatureExtractor.from_pretrained(path, local_files_only=True)
+    return extractor, AutoModel.from_pretrained(path, local_files_only=True)
 
 
 # -- the HDF5 file --------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ import torch
 
 from pipeline.sentence_features import (
     encode_sentences,
+    deterministic_wordpiece,
     encode_waveforms,
+    load_text_encoder,
     query_key,
     read_query_features,
     read_wav,
@@ -23,18 +25,15 @@ SENTENCES = ["the red circle moves to the left.", "a blue square grows", " the g
 
 @pytest.fixture(scope="module")
 def text_encoder_dir(tmp_path_factory):
-    """A DistilBERT-shaped HF directory: WordPiece vocab trained with `tokenizers`, random weights."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import DistilBertConfig, DistilBertModel, DistilBertTokenizerFast
+    """A DistilBERT HF directory (config.json, model.safetensors, vocab.txt) with random weights."""
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from models.mmn import train_wordpiece
 
     path = tmp_path_factory.mktemp("distilbert")
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(SENTENCES * 3, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
-    tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]")))
-    DistilBertTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+    tok = train_wordpiece(SENTENCES * 3, 200)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    (path / "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab))
     torch.manual_seed(0)
     config = DistilBertConfig(vocab_size=tok.get_vocab_size(), dim=32, n_layers=1, n_heads=2, hidden_dim=64)
     DistilBertModel(config).save_pretrained(path)
@@ -58,20 +57,32 @@ def audio_encoder_dir(tmp_path_factory):
 
 
 def test_text_features_match_one_sentence_at_a_time(text_encoder_dir):
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer, model = AutoTokenizer.from_pretrained(text_encoder_dir), AutoModel.from_pretrained(text_encoder_dir)
+    tokenizer, model = load_text_encoder(text_encoder_dir, [])
     batched = encode_sentences(SENTENCES, tokenizer, model, batch_size=8)
     assert batched.shape == (3, 32) and batched.dtype == np.float32
     for i, sentence in enumerate(SENTENCES):
         # The official recipe by hand: one sentence, no padding, LN without affine, mean incl. CLS/SEP.
-        ids = tokenizer(query_key(sentence), return_tensors="pt")["input_ids"]
-        assert ids[0, 0] == tokenizer.cls_token_id and ids[0, -1] == tokenizer.sep_token_id
+        ids = torch.tensor([tokenizer.encode(query_key(sentence)).ids])
+        assert ids[0, 0] == tokenizer.token_to_id("[CLS]") and ids[0, -1] == tokenizer.token_to_id("[SEP]")
         with torch.no_grad():
             hidden = model(input_ids=ids).last_hidden_state[0]
         expected = torch.nn.functional.layer_norm(hidden, (32,)).mean(0).numpy()
         np.testing.assert_allclose(batched[i], expected, atol=1e-5)
     assert not np.allclose(batched[0], batched[1])
+
+
+def test_deterministic_wordpiece():
+    tok = deterministic_wordpiece(SENTENCES, 80)
+    assert tok.get_vocab() == deterministic_wordpiece(list(reversed(SENTENCES)), 80).get_vocab()
+    assert tok.encode("The red circle").tokens == ["[CLS]", "the", "red", "circle", "[SEP]"]
+    assert tok.encode("reed zebra").tokens == ["[CLS]", "r", "##e", "##e", "##d", "[UNK]", "[SEP]"]
+
+
+def test_random_text_encoder_is_seeded():
+    tok_a, model_a = load_text_encoder(None, SENTENCES, seed=3, vocab_size=120)
+    tok_b, model_b = load_text_encoder(None, SENTENCES, seed=3, vocab_size=120)
+    assert model_a.config.dim == 768 and tok_a.get_vocab() == tok_b.get_vocab()
+    np.testing.assert_array_equal(encode_sentences(SENTENCES[:1], tok_a, model_a), encode_sentences(SENTENCES[:1], tok_b, model_b))
 
 
 def test_wav_roundtrip_and_resampling(tmp_path):
