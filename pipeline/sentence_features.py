@@ -192,7 +192,13 @@ def load_audio_encoder(encoder_dir: str | os.PathLike | None, seed: int = 0) -> 
     """(feature extractor, model) from a local wav2vec2-style HF directory (wav2vec2, data2vec-audio,
     UniSpeech-SAT: anything AutoModel loads with a `last_hidden_state`), or a seeded random
     wav2vec2-base-shaped encoder (768-d, 12 layers) when `encoder_dir` is None."""
-    from transformers import AutoFeatureExtractor, AutoModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+    from transformers import (
+        AutoFeatureExtractor,
+        AutoModel,
+        Wav2Vec2Config,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2Model,
+    )
 
     if encoder_dir is None:
         torch.manual_seed(seed)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline.sentence_features import (
-    encode_sentences,
     deterministic_wordpiece,
+    encode_sentences,
     encode_waveforms,
     load_text_encoder,
     query_key,
