@@ -186,6 +186,49 @@ def evaluate(
 
 
 @app.command()
+def score(
+    predictions: Annotated[Path, typer.Argument(help="Moment-DETR jsonl (pred_relevant_windows), or a similarity .npy/.npz for retrieval.")],
+    annotations: Annotated[Path, typer.Option(help="ground-truth annotation file.")],
+    dataset: Annotated[str, typer.Option(help="dataset convention: qvhighlights, charades_sta, tacos, activitynet, msrvtt, ...")],
+    split: Annotated[str, typer.Option(help="split name (recorded; QVHighlights test has no labels).")] = "test",
+    format: Annotated[Optional[str], typer.Option(help="annotation parser (default: the dataset's).")] = None,
+    durations: Annotated[Optional[list[Path]], typer.Option(help="Charades_v1_*.csv duration files (charades_sta format); repeatable.")] = None,
+    cleaning: Annotated[str, typer.Option(help="cleaning policy of the annotations: none, mmn, mesm, cnm.")] = "none",
+    nms: Annotated[Optional[float], typer.Option(help="MMN NMS threshold for R@n (default: none).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="metrics JSON (default: PREDICTIONS.metrics.json).")] = None,
+) -> None:
+    """Score any predictions file, ours or another repository's, and print the metrics table.
+
+    Reads: PREDICTIONS and --annotations. Writes: the metrics JSON (--out).
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.annotations import AnnotationError
+    from pipeline.atomic import write_json
+    from pipeline.evaluation import flatten_metrics, score_file
+
+    for label, path in (("predictions", predictions), ("--annotations", annotations)):
+        if not path.is_file():
+            _fail(f"{label}: file not found: {path}")
+    try:
+        metrics = score_file(predictions, annotations, dataset, split, format=format,
+                             durations=[str(d) for d in durations or []], cleaning=cleaning, nms_threshold=nms)
+    except (AnnotationError, ValueError, KeyError) as e:
+        _fail(str(e))
+    out = out or predictions.with_name(predictions.name + ".metrics.json")
+    write_json(out, {"dataset": dataset, "split": split, "predictions": str(predictions),
+                     "annotations": str(annotations), "cleaning": cleaning, "nms": nms, **metrics})
+    table = Table("metric", "value", title=f"{dataset} / {split}: {predictions.name} (all metrics in {out})")
+    shown = {k: v for k, v in flatten_metrics(metrics).items()
+             if not k.startswith("moment_detr/") or k.startswith("moment_detr/brief/")}
+    for key, value in shown.items():
+        table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    typer.echo(f"metrics written to {out}")
+
+
+@app.command()
 def lineage(path: Annotated[Path, typer.Argument(help="an artifact written by a vmr stage.")]) -> None:
     """Print the chain of stages, params, inputs and weights that made PATH, back to the raw inputs.
 

@@ -343,7 +343,7 @@ def evaluate_moment_detr(
     predictions: [{qid, pred_relevant_windows: [[s, e, score], ...] (file order = rank for R1),
     pred_saliency_scores?: [clip scores]}]; ground_truth: [{qid, duration, relevant_windows,
     relevant_clip_ids?, saliency_scores?}]. `length_ranges` buckets queries by GT window length
-    (lo, hi]; the bucket equal to "full" keeps everything. Returns {"brief": {...}, bucket or HL level:
+    (lo, hi]; the bucket named "full" keeps every query. Returns {"brief": {...}, bucket or HL level:
     {...}} with the official key names.
     """
     pred_by_qid = {p["qid"]: p for p in predictions}
@@ -360,9 +360,8 @@ def evaluate_moment_detr(
     metrics: dict[str, Any] = {}
     brief: dict[str, float] = {}
     if "pred_relevant_windows" in predictions[0]:
-        full = length_ranges.get("full")
         for name, (lo, hi) in length_ranges.items():
-            if (lo, hi) == full:
+            if name == "full":  # every query, whatever its windows' lengths
                 gts = {g["qid"]: g["relevant_windows"] for g in ground_truth}
             else:
                 gts = {}
@@ -424,3 +423,120 @@ def evaluate_retrieval(sim: np.ndarray) -> dict[str, dict[str, float]]:
     """Text-to-video on sim (texts x videos) and video-to-text on its transpose."""
     sim = np.asarray(sim)
     return {"t2v": retrieval_metrics(sim), "v2t": retrieval_metrics(sim.T)}
+
+
+# -- scoring a predictions file (`vmr score`) ------------------------------------------------
+
+# Per dataset: annotation format, R@n IoU thresholds, MMN's NMS threshold, Moment-DETR length buckets.
+DATASETS: dict[str, dict[str, Any]] = {
+    "qvhighlights": {"format": "qvhighlights", "thresholds": (0.3, 0.5, 0.7), "nms": None,
+                     "ranges": QVH_LENGTH_RANGES},
+    "charades_sta": {"format": "charades_sta", "thresholds": (0.3, 0.5, 0.7), "nms": 0.5,
+                     "ranges": QVH_LENGTH_RANGES},
+    "synthetic": {"format": "charades_sta", "thresholds": (0.3, 0.5, 0.7), "nms": 0.5,
+                  "ranges": QVH_LENGTH_RANGES},
+    "charades_cd": {"format": "grounding_json", "thresholds": (0.3, 0.5, 0.7), "nms": 0.5,
+                    "ranges": QVH_LENGTH_RANGES},
+    "charades_cg": {"format": "grounding_json", "thresholds": (0.3, 0.5, 0.7), "nms": 0.5,
+                    "ranges": QVH_LENGTH_RANGES},
+    "activitynet": {"format": "grounding_json", "thresholds": (0.3, 0.5, 0.7), "nms": 0.5,
+                    "ranges": {**{k: v for k, v in QVH_LENGTH_RANGES.items() if k != "full"},
+                               "superlong": (150.0, float("inf")), "full": (0.0, float("inf"))}},
+    "tacos": {"format": "tacos_json", "thresholds": (0.1, 0.3, 0.5), "nms": 0.4, "ranges": TACOS_LENGTH_RANGES},
+    "cpl": {"format": "cpl_json", "thresholds": (0.1, 0.3, 0.5, 0.7, 0.9), "nms": None, "ranges": QVH_LENGTH_RANGES},
+    "msrvtt": {"format": "msrvtt_csv", "retrieval": True},
+}
+
+
+def read_jsonl(path) -> list[dict[str, Any]]:
+    import json
+
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
+    return rows
+
+
+def _ground_truth(annotations, dataset: str, split: str, fmt: str, durations, cleaning: str) -> list[dict[str, Any]]:
+    """Moment-DETR style GT records from any supported annotation file."""
+    from pipeline.annotations import load_split
+
+    if fmt == "qvhighlights":
+        gt = read_jsonl(annotations)
+        if gt and "relevant_windows" not in gt[0]:
+            raise ValueError(f"{annotations}: this split has no labels (QVHighlights test is scored on CodaLab)")
+        return gt
+    ann = load_split(annotations, fmt, dataset=dataset, split=split, durations=durations, cleaning=cleaning)
+    return [{"qid": q.qid, "vid": q.video_id, "duration": q.duration, "relevant_windows": [list(m) for m in q.moments]}
+            for q in ann]
+
+
+def score_moment_predictions(
+    predictions: Sequence[Mapping[str, Any]], ground_truth: Sequence[Mapping[str, Any]], dataset: str,
+    nms_threshold: float | None = None, ks: Sequence[int] = (1, 5),
+) -> dict[str, Any]:
+    """Moment-DETR metrics, plus (single-moment datasets) MMN-style R@k,IoU@θ and mIoU."""
+    conv = DATASETS[dataset]
+    out: dict[str, Any] = {"moment_detr": evaluate_moment_detr(predictions, ground_truth, length_ranges=conv["ranges"])}
+    if all(len(g["relevant_windows"]) == 1 for g in ground_truth):
+        gt_by_qid = {g["qid"]: g["relevant_windows"][0] for g in ground_truth}
+        windows, _ = _pad([p["pred_relevant_windows"] for p in predictions], 3, fill=0.0)
+        scores = np.where(_pad([p["pred_relevant_windows"] for p in predictions], 3)[1], windows[..., 2], -np.inf)
+        gt = np.asarray([gt_by_qid[p["qid"]] for p in predictions], dtype=np.float64)
+        out["recall"] = evaluate_moments(windows[..., :2], scores, gt, ks=ks, thresholds=conv["thresholds"],
+                                         nms_threshold=nms_threshold)
+    return out
+
+
+def _similarity_file(path) -> np.ndarray:
+    """A (texts x videos) similarity matrix with its ground truth on the diagonal: .npy, or .npz
+    with `similarity` (+ `text_vids`/`video_vids`, then columns are reordered to the texts' videos)."""
+    from pathlib import Path
+
+    if Path(path).suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    with np.load(path, allow_pickle=False) as z:
+        if "similarity" not in z:
+            raise ValueError(f"{path}: expected an array named 'similarity' (got {list(z.keys())})")
+        sim = z["similarity"]
+        if "text_vids" in z and "video_vids" in z:
+            col = {v: i for i, v in enumerate(z["video_vids"].tolist())}
+            texts = z["text_vids"].tolist()
+            if len(set(texts)) != len(texts) or set(texts) != set(col):
+                raise ValueError(f"{path}: texts and videos are not one-to-one (multi-caption scoring is not supported)")
+            sim = sim[:, [col[v] for v in texts]]
+    return sim
+
+
+def score_file(
+    predictions_path, annotations_path, dataset: str, split: str = "test", *,
+    format: str | None = None, durations: Sequence[str] = (), cleaning: str = "none",
+    nms_threshold: float | None = None,
+) -> dict[str, Any]:
+    """Score a predictions file (ours or another repository's) against an annotation file."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
+    conv = DATASETS[dataset]
+    if conv.get("retrieval"):
+        return evaluate_retrieval(_similarity_file(predictions_path))
+    preds = read_jsonl(predictions_path)
+    if not preds or "pred_relevant_windows" not in preds[0]:
+        raise ValueError(f"{predictions_path}: expected Moment-DETR jsonl lines with 'pred_relevant_windows'")
+    gt = _ground_truth(annotations_path, dataset, split, format or conv["format"], durations, cleaning)
+    return score_moment_predictions(preds, gt, dataset, nms_threshold)
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """{"a": {"b": 1}} -> {"a/b": 1}, for tables."""
+    flat: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, Mapping):
+            flat.update(flatten_metrics(v, f"{prefix}{k}/"))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat

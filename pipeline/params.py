@@ -105,10 +105,13 @@ class MergeParams(Section):
 
 
 class VocabParams(Section):
+    """`vmr vocab`. `splits` are counted in order (MESM counted train+test; default: train only)."""
+
     out_dir: str = "vocab"
-    splits: list[str] = Field(default_factory=lambda: ["train"])
-    glove_file: str | None = "data/synth/glove.synthetic.300d.txt"
+    splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
+    glove_file: str | None = "data/synth/glove.synthetic.300d.txt"  # GloVe text; null: no glove.pkl
     glove_dim: int = Field(300, ge=1)
+    clip_max_pieces: int = Field(14, ge=1)  # BPE pieces counted per sentence (MESM: max_words_l 16 - 2)
 
 
 class TrainerParams(Section):
