@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -481,6 +482,11 @@ class MRNet(GroundingModel):
         opt = torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, betas=(0.9, 0.99), weight_decay=1e-5)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.cfg.milestones, gamma=0.1)
         return Optimization(optimizers=[opt], schedulers=[sched], interval="epoch")
+
+    @classmethod
+    def input_files(cls, cfg: Config, data: DataContext) -> dict[str, Path]:
+        return {f"features.{cfg.feature}": data.feature_file(cfg.feature),
+                f"features.{cfg.query_feature}": data.feature_file(cfg.query_feature)}
 
     def weights_provenance(self) -> dict[str, str]:
         from pipeline.provenance import read_record
