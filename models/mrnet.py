@@ -379,6 +379,9 @@ class MRNet(GroundingModel):
         thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
         test_query_order: QueryOrder = "gt_start"  # official; "text": honest (see query_order)
         num_predictions: int = Field(5, ge=1)  # windows kept per query after NMS
+        # official released weights (pool_model_14.pth ANet, pool_model_110e.pth TACoS), loaded at init
+        init_weights: str | None = None
+        init_weights_sha256: str | None = None
 
     def __init__(self, cfg: Config, data: DataContext):
         super().__init__(cfg, data)
@@ -405,6 +408,12 @@ class MRNet(GroundingModel):
         self.text_out_unused = nn.ModuleDict({"fc": nn.Linear(cfg.dim, cfg.dim), "norm": nn.LayerNorm(cfg.dim)})
         self._query_file = data.feature_file(cfg.query_feature)
         self._video_file = data.feature_file(cfg.feature)
+        self._init_weights = None
+        if cfg.init_weights:
+            from pipeline.provenance import weights_record
+
+            self._init_weights = weights_record(cfg.init_weights, cfg.init_weights_sha256)
+            self.load_state_dict(load_official_checkpoint(cfg.init_weights, cfg))
 
     # -- data -------------------------------------------------------------------------------------
 
@@ -492,7 +501,10 @@ class MRNet(GroundingModel):
         from pipeline.provenance import read_record
 
         record = read_record(self._query_file) or {}
-        return {"query_encoder": record.get("weights", {}).get("query_encoder", "unknown")}
+        out = {"query_encoder": record.get("weights", {}).get("query_encoder", "unknown")}
+        if self._init_weights:
+            out["init_weights"] = self._init_weights
+        return out
 
 
 def total_loss(loss_iou: Tensor, loss_vid: Tensor, loss_sent: Tensor, loss_sp: Tensor, epoch: int, cfg, world_size: int = 1) -> Tensor:
@@ -505,6 +517,78 @@ def total_loss(loss_iou: Tensor, loss_vid: Tensor, loss_sent: Tensor, loss_sp: T
     if cfg.sparsity_count_twice and loss_sp.item() >= overall_min:
         loss = loss + scale * loss_sp
     return loss
+
+
+# -- the official checkpoint format ---------------------------------------------------------------
+
+_OFFICIAL_RENAMES = [  # (official key pattern, ours); applied in order, first match wins
+    (r"input_vid_proj\.(\d+)\.LayerNorm\.", lambda m: f"video_proj.{4 * int(m[1])}."),
+    (r"input_vid_proj\.(\d+)\.net\.1\.", lambda m: f"video_proj.{4 * int(m[1]) + 2}."),
+    (r"text_encoder\.fc_out2\.", "query_proj."),
+    (r"text_encoder\.fc_out1\.", "query_proj_unused."),
+    (r"text_out\.fc_out1\.", "text_out_iou."),
+    (r"text_out\.fc_out2\.", "text_out_unused.fc."),
+    (r"text_out\.layernorm\.", "text_out_unused.norm."),
+    (r"trans_ret\.rets\.(\d+)\.learn_vid_ret\.weight", lambda m: f"transret.layers.{m[1]}.retention.gate_logits"),
+    (r"trans_ret\.rets\.(\d+)\.(W_\w+)", lambda m: f"transret.layers.{m[1]}.retention.{m[2]}"),
+    (r"trans_ret\.ffns\.(\d+)\.", lambda m: f"transret.layers.{m[1]}.ffn."),
+    (r"trans_ret\.layer_norms_1\.(\d+)\.", lambda m: f"transret.layers.{m[1]}.norm1."),
+    (r"trans_ret\.layer_norms_2\.(\d+)\.", lambda m: f"transret.layers.{m[1]}.norm2."),
+    (r"trans_ret\.norm\.", "transret.norm."),
+    (r"(featpool|proposal_conv)\.", lambda m: f"{m[1]}."),
+]
+
+
+def official_state_dict(state: dict[str, Tensor], cfg: MRNet.Config) -> dict[str, Tensor]:
+    """Map an official `RET` state dict (xian-sh/MRNet, either model file) onto this module's keys.
+
+    The official attention keeps its Linear layers in `self_attn.linears`: one (output) in
+    ret_model.py, four (Q, K, V, output) in ret_model_tacos.py; the gate W is an Embedding(N*N, 1);
+    xPos's `scale` buffer is recomputed here (checked, then dropped).
+    """
+    import re
+
+    attention = ["out_proj"] if cfg.projection == "matrices" else ["q_proj", "k_proj", "v_proj", "out_proj"]
+    zeta = XPos(cfg.dim).zeta
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if m := re.fullmatch(r"trans_ret\.rets\.(\d+)\.xpos\.scale", key):
+            if not torch.allclose(value.float().cpu(), zeta):
+                raise ValueError(f"official checkpoint: {key} does not match xPos for dim {cfg.dim}")
+            continue
+        if m := re.fullmatch(r"trans_ret\.rets\.(\d+)\.self_attn\.linears\.(\d+)\.(weight|bias)", key):
+            if int(m[2]) >= len(attention):
+                raise ValueError(f"official checkpoint: {key}: projection '{cfg.projection}' has {len(attention)} "
+                                 "attention Linear layers (ret_model_tacos.py checkpoints need projection: linear)")
+            out[f"transret.layers.{m[1]}.retention.{attention[int(m[2])]}.{m[3]}"] = value
+            continue
+        for pattern, repl in _OFFICIAL_RENAMES:
+            if m := re.match(pattern, key):
+                new = repl(m) if callable(repl) else repl
+                out[new + key[m.end():]] = value
+                break
+        else:
+            raise ValueError(f"official checkpoint: unexpected key {key!r}")
+        if new.endswith("gate_logits"):
+            out[new] = value.reshape(cfg.num_clips, cfg.num_clips)
+    return out
+
+
+def load_official_checkpoint(path: str | Path, cfg: MRNet.Config) -> dict[str, Tensor]:
+    """Read an official checkpoint (torch.save of {"model": state_dict, "optimizer", "scheduler",
+    "epoch"} by MmnCheckpointer, or a bare state dict) and return our state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: MRNet checkpoint not found (model.mrnet.init_weights)")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    state = blob.get("model", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict or a dict with a 'model' state dict")
+    try:
+        return official_state_dict(state, cfg)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 class VideoQueries(Dataset):
