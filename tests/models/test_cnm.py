@@ -8,6 +8,7 @@ import pickle
 from collections import Counter
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -37,6 +38,8 @@ from models.cnm import (
 )
 from pipeline.annotations import Query
 from pipeline.features import average_to_clips
+from pipeline.params import DatasetParams
+from pipeline.trainer import DataContext, fit
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(hidden_size=16, num_heads=2, num_decoder_layers1=1, num_decoder_layers2=1, max_num_frames=8)
@@ -393,3 +396,78 @@ def test_metrics_use_the_top1_window():
     m = cnm_metrics(preds, queries)
     assert m["mIoU"] == pytest.approx(25.0) and m["R@1,IoU@0.5"] == 50.0 and m["R@1,IoU@0.7"] == 0.0
     assert set(m) == {"R@1,IoU@0.1", "R@1,IoU@0.3", "R@1,IoU@0.5", "R@1,IoU@0.7", "R@1,IoU@0.9", "mIoU"}
+
+
+# -- weak supervision: training never reads a timestamp ---------------------------------------------
+
+CAPTIONS = ["the red circle moves left.", "the blue square grows.", "the red square moves left.", "the blue circle grows."]
+
+
+def write_tiny_dataset(root: Path, moments: str = "true", seed: int = 0) -> DataContext:
+    """Charades-STA files, a merged HDF5 and a glove.pkl; `moments="garbage"` replaces every train moment."""
+    rng = np.random.default_rng(seed)
+    garbage = np.random.default_rng(12345)
+    root.mkdir(parents=True, exist_ok=True)
+    csv = ["id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length"]
+    with h5py.File(root / "clip.h5", "w") as h5:
+        for split, n in (("train", 6), ("test", 2)):
+            lines = []
+            for i in range(n):
+                vid, duration = f"{split[:2]}{i}", float(rng.integers(8, 14))
+                h5[vid] = rng.normal(size=(int(duration), 6)).astype(np.float32)
+                csv.append(f"{vid},S,room,5,6,Yes,s,,d,,{duration:.2f}")
+                for j in range(2):
+                    s, e = 2.0 * j, 2.0 * j + 3.0
+                    if split == "train" and moments == "garbage":  # still valid under the `mmn` policy
+                        s = float(garbage.uniform(0, duration))
+                        e = s + float(garbage.uniform(0.1, 50))
+                    lines.append(f"{vid} {s:.1f} {e:.1f}##{CAPTIONS[(i + j) % 4]}\n")
+            (root / f"{split}.txt").write_text("".join(lines))
+    (root / "videos.csv").write_text("\n".join(csv) + "\n")
+    write_glove_pkl(root / "vocab" / "glove.pkl", {"the": 24, ".": 24, "red": 12, "blue": 12, "circle": 12,
+                                                   "square": 12, "moves": 12, "left": 12, "grows": 12})
+    dataset = DatasetParams(name="tiny", format="charades_sta", video_dir=str(root / "videos"),
+                            splits={"train": str(root / "train.txt"), "test": str(root / "test.txt")},
+                            durations=[str(root / "videos.csv")], cleaning="mmn", video_captions=None)
+    return DataContext(dataset=dataset, features_dir=root, vocab_dir=root / "vocab", frames_dir=root / "frames",
+                       run_dir=root / "run", seed=0)
+
+
+def test_dataset_items_carry_no_timestamp_and_resample_frames(tmp_path):
+    data = write_tiny_dataset(tmp_path)
+    model = CNM(CNMConfig(**TINY), data)
+    items = model.build_dataset("train", data, train=True)
+    assert len(items) == 12 and model.vocab.num_classes == 9 + 1 and model.frame_fc.in_features == 6
+    item = items[0]
+    assert set(item) == {"qid", "vid", "duration", "words_id", "words_feat", "pos_weights", "frames_feat"}
+    assert item["frames_feat"].shape == (8, 6)
+    with h5py.File(tmp_path / "clip.h5") as h5:
+        assert np.allclose(item["frames_feat"], average_to_clips(h5[item["vid"]][()], 8))
+    # "the red circle moves left." -> all five words plus "." are in the vocabulary
+    assert len(item["words_id"]) == 6 and item["words_feat"].shape == (7, 300)
+
+
+def test_a_query_without_known_words_is_an_error_naming_it(tmp_path):
+    data = write_tiny_dataset(tmp_path)
+    text = (tmp_path / "train.txt").read_text().splitlines()
+    vid = text[0].split()[0]
+    (tmp_path / "train.txt").write_text("\n".join([*text, f"{vid} 1.0 2.0##xyzzy plugh"]) + "\n")
+    model = CNM(CNMConfig(**TINY), data)
+    with pytest.raises(ValueError, match="query 12 .*'xyzzy plugh'"):
+        model.build_dataset("train", data, train=True)
+
+
+def test_garbage_training_moments_leave_the_trained_weights_bit_identical(tmp_path):
+    cfg = CNMConfig(**TINY, epochs=2, batch_size=4, warmup_updates=2)
+    runs = {}
+    for kind in ("true", "garbage"):
+        data = write_tiny_dataset(tmp_path / kind, moments=kind)
+        fit("cnm", CNM, cfg, data, device="cpu", select_split=None, resume=False)
+        runs[kind] = torch.load(data.run_dir / "best.pt", weights_only=True)["model"]
+    true_lines = (tmp_path / "true" / "train.txt").read_text().splitlines()
+    garbage_lines = (tmp_path / "garbage" / "train.txt").read_text().splitlines()
+    assert all(a.split("##")[0] != b.split("##")[0] for a, b in zip(true_lines, garbage_lines, strict=True))
+    init = tiny_model(frame_dim=6, num_classes=10).state_dict()
+    assert not torch.equal(init["fc_mask_gen.weight"], runs["true"]["fc_mask_gen.weight"])  # it did train
+    assert runs["true"].keys() == runs["garbage"].keys()
+    assert all(torch.equal(runs["true"][k], runs["garbage"][k]) for k in runs["true"])
