@@ -299,6 +299,7 @@ class VideoProjection(nn.Sequential):
 
 
 QueryOrder = Literal["gt_start", "text"]
+OTHER_ORDER = {"gt_start": "text", "text": "gt_start"}
 
 
 def query_order(moments: Sequence[tuple[float, float]], sentences: Sequence[str], order: QueryOrder) -> list[int]:
@@ -378,6 +379,7 @@ class MRNet(GroundingModel):
         score_pow: float = 0.5  # CONTRASTIVE_SCORE_POW
         thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
         test_query_order: QueryOrder = "gt_start"  # official; "text": honest (see query_order)
+        report_both_orders: bool = True  # also predict/score with the other order ("text_order/..." metrics)
         num_predictions: int = Field(5, ge=1)  # windows kept per query after NMS
         # official released weights (pool_model_14.pth ANet, pool_model_110e.pth TACoS), loaded at init
         init_weights: str | None = None
@@ -462,6 +464,22 @@ class MRNet(GroundingModel):
 
     @torch.no_grad()
     def predict_step(self, batch: dict) -> list[dict]:
+        """Windows per query in the configured test order; with `report_both_orders`, also the
+        windows obtained with the other order under `pred_relevant_windows_<order>_order`."""
+        cfg = self.cfg
+        preds = self._predict(batch, "pred_relevant_windows")
+        if cfg.report_both_orders:
+            other = dict(batch)
+            for key in ("queries", "qids", "moments", "iou2d"):
+                other[key] = [values[perm] if torch.is_tensor(values) else [values[i] for i in perm]
+                              for values, perm in zip(batch[key], batch["other_order"], strict=True)]
+            key = f"pred_relevant_windows_{OTHER_ORDER[cfg.test_query_order]}_order"
+            by_qid = {p["qid"]: p["pred_relevant_windows"] for p in self._predict(other, key)}
+            for p in preds:
+                p[key] = by_qid[p["qid"]]
+        return preds
+
+    def _predict(self, batch: dict, key: str) -> list[dict]:
         cfg, mask = self.cfg, self.feat2d.mask2d
         out = self.encode(batch)
         contrastive = contrastive_scores(out["map_contrastive"], out["text"], mask)
@@ -480,9 +498,16 @@ class MRNet(GroundingModel):
         return preds
 
     def metrics(self, predictions: list[dict], queries: list) -> dict[str, float]:
-        """MRNet's protocol: R@{1,5} at `thresholds` (after NMS, hit if IoU >= θ), top-1 mIoU, Best_R{k}."""
+        """MRNet's protocol: R@{1,5} at `thresholds` (after NMS, hit if IoU >= θ), top-1 mIoU, Best_R{k};
+        the same under "<order>_order/" for the other test query order when predicted."""
         windows, valid, gt = windows_from_predictions(predictions, queries, max_windows=5)
-        return grounding_recall_metrics(windows, valid, gt, (1, 5), self.cfg.thresholds)
+        out = grounding_recall_metrics(windows, valid, gt, (1, 5), self.cfg.thresholds)
+        other = OTHER_ORDER[self.cfg.test_query_order] + "_order"
+        if predictions and f"pred_relevant_windows_{other}" in predictions[0]:
+            renamed = [{**p, "pred_relevant_windows": p[f"pred_relevant_windows_{other}"]} for p in predictions]
+            windows, valid, gt = windows_from_predictions(renamed, queries, max_windows=5)
+            out |= {f"{other}/{k}": v for k, v in grounding_recall_metrics(windows, valid, gt, (1, 5), self.cfg.thresholds).items()}
+        return out
 
     # -- optimisation -----------------------------------------------------------------------------
 
@@ -615,6 +640,8 @@ class VideoQueries(Dataset):
         cfg = self.cfg
         vid, queries = self.videos[index]
         queries = [queries[i] for i in query_order([q.moment for q in queries], [q.sentence for q in queries], self.order)]
+        # positions of the same queries in the other order, for reporting both at test time
+        other = query_order([q.moment for q in queries], [q.sentence for q in queries], OTHER_ORDER[self.order])
         duration = float(queries[0].duration)
         feats = load_video([self.video_file], vid, l2norm=True, num_clips=cfg.num_pre_clips)
         moments = torch.tensor([q.moment for q in queries], dtype=torch.float32)
@@ -626,4 +653,5 @@ class VideoQueries(Dataset):
             "queries": torch.from_numpy(np.stack([self.query_table[query_key(q.sentence)] for q in queries])),
             "moments": moments,
             "iou2d": torch.stack([moment_to_iou2d(m, cfg.num_clips, duration) for m in moments]),
+            "other_order": other,
         }

@@ -228,7 +228,11 @@ def test_training_step_and_prediction(tiny):
         assert 1 <= len(scores) <= 5 and scores == sorted(scores, reverse=True)
         assert all(0 <= w[0] < w[1] <= 16.0 for w in p["pred_relevant_windows"])
     metrics = model.metrics(preds, queries)
-    assert {"R@1,IoU@0.5", "R@5,IoU@0.7", "mIoU", "Best_R1"} <= set(metrics)
+    assert {"R@1,IoU@0.5", "R@5,IoU@0.7", "mIoU", "Best_R1", "text_order/R@1,IoU@0.5"} <= set(metrics)
+    # the honest order's windows come from a second pass with the queries sorted by sentence
+    assert all(len(p["pred_relevant_windows_text_order"]) >= 1 for p in preds)
+    single = [i for i in range(len(test)) if len(test[i]["qids"]) > 1]
+    assert any(p["pred_relevant_windows"] != p["pred_relevant_windows_text_order"] for p in preds) or not single
 
 
 def test_honest_test_order_changes_nothing_about_training(tiny):
