@@ -276,6 +276,14 @@ class TransRet(nn.Module):
 # -- config ---------------------------------------------------------------------------------------
 
 
+class VideoPCAConfig(Section):
+    """`vmr feature-pca`: reduce `features/<source>.h5` to `features/<model.mrnet.feature>.h5` (TACoS)."""
+
+    source: str = "c3d"
+    components: int = Field(500, ge=1)
+    fit_on: Literal["train", "all"] = "train"  # "all": the official fit on every video of every split
+
+
 class QueryEncoderConfig(Section):
     """How `vmr sentence-features` encodes the queries MRNet reads (frozen, offline)."""
 
@@ -332,6 +340,7 @@ class MRNet(GroundingModel):
         feature: str = "c3d"  # video features: `features/<feature>.h5`
         query_feature: str = "query_distilbert"  # frozen query features: `features/<query_feature>.h5`
         query_encoder: QueryEncoderConfig = QueryEncoderConfig()
+        video_pca: VideoPCAConfig | None = None  # TACoS: C3D 4096-d -> 500-d before training
         input_size: int = Field(500, ge=1)  # FEATPOOL.INPUT_SIZE
         query_dim: int = Field(768, ge=1)  # INPUT_TEXT_DIM
         num_pre_clips: int = Field(256, ge=1)  # INPUT.NUM_PRE_CLIPS (avgfeats target)

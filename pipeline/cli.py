@@ -148,6 +148,20 @@ def sentence_features(
     _run(params, set_, profile, "sentence_features")
 
 
+@app.command("feature-pca")
+def feature_pca(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Reduce merged video features with PCA for MRNet (TACoS C3D 4096-d -> 500-d).
+
+    Reads: `merge.out_dir`/<model.mrnet.video_pca.source>.h5, the train split (fit_on: train).
+    Writes: `merge.out_dir`/<model.mrnet.feature>.h5.
+    """
+    _run(params, set_, profile, "feature_pca")
+
+
 @app.command()
 def train(
     model: Annotated[str, typer.Option(help="model name (a key of `model`).")],

@@ -1,0 +1,54 @@
+"""Stage feature_pca: train-only fit by default, the official all-video fit as an option."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.params import Params, ParamsError
+from pipeline.provenance import read_record
+from stages import feature_pca as stage
+
+
+def make_params(root, **pca) -> Params:
+    rng = np.random.default_rng(0)
+    (root / "features").mkdir(exist_ok=True)
+    with h5py.File(root / "features" / "c3d.h5", "w") as f:
+        for vid in ("A", "B", "C"):
+            f.create_dataset(vid, data=rng.standard_normal((8, 12)).astype(np.float32) + (vid == "C") * 3)
+    (root / "train.txt").write_text("A 0.0 2.0##x\nB 1.0 3.0##y\n")
+    (root / "test.txt").write_text("C 0.0 2.0##z\n")
+    (root / "len.csv").write_text("id,length\nA,8\nB,8\nC,8\n")
+    model = {"feature": "c3d_pca4", "video_pca": {"source": "c3d", "components": 4, **pca}}
+    return Params.model_validate({
+        "dataset": {"name": "toy", "splits": {"train": str(root / "train.txt"), "test": str(root / "test.txt")},
+                    "durations": [str(root / "len.csv")], "video_captions": None},
+        "merge": {"out_dir": str(root / "features")},
+        "model": {"mrnet": model},
+    })
+
+
+def test_train_fit_and_all_fit(tmp_path):
+    stage.run(make_params(tmp_path), source="params.yaml")
+    out = tmp_path / "features" / "c3d_pca4.h5"
+    with h5py.File(out) as f:
+        train_fit = {k: f[k][:] for k in f}
+    assert sorted(train_fit) == ["A", "B", "C"] and train_fit["C"].shape == (8, 4)
+    assert read_record(out)["params"]["model.mrnet.video_pca"]["fit_on"] == "train"
+    # centred on the training rows: their mean projection is ~0, the shifted test video's is not
+    assert np.allclose(np.concatenate([train_fit["A"], train_fit["B"]]).mean(0), 0, atol=1e-5)
+    stage.run(make_params(tmp_path, fit_on="all"), source="params.yaml")
+    with h5py.File(out) as f:
+        assert not np.allclose(f["A"][:], train_fit["A"])
+
+
+def test_needs_a_pca_section(tmp_path):
+    with pytest.raises(ParamsError, match="model.mrnet.video_pca"):
+        stage.run(make_params_without_pca(tmp_path), source="params.yaml")
+
+
+def make_params_without_pca(root) -> Params:
+    params = make_params(root)
+    model = {"mrnet": {"feature": "c3d_pca4"}}
+    return params.model_copy(update={"model": model})
