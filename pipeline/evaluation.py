@@ -175,6 +175,14 @@ def _round2(x: float) -> float:
 
 def _pad(rows: Sequence[Sequence[Sequence[float]]], width: int, fill: float = np.nan) -> tuple[np.ndarray, np.ndarray]:
     """Ragged list of windows -> (Q, K, width) array and a (Q, K) validity mask."""
+    lengths = {len(r) for r in rows}
+    if len(lengths) == 1 and 0 not in lengths:  # rectangular: one conversion, no loop
+        try:
+            arr = np.asarray(rows, dtype=np.float64)
+        except ValueError:  # windows of different lengths: take the general path
+            arr = None
+        if arr is not None and arr.ndim == 3 and arr.shape[2] >= width:
+            return arr[:, :, :width].copy(), np.ones(arr.shape[:2], dtype=bool)
     k = max((len(r) for r in rows), default=0)
     out = np.full((len(rows), max(k, 1), width), fill, dtype=np.float64)
     valid = np.zeros((len(rows), max(k, 1)), dtype=bool)
@@ -204,49 +212,60 @@ def _r1_at(top1: np.ndarray, gts: np.ndarray, gt_valid: np.ndarray, thresholds: 
 
 
 def _detection_ap(
-    preds: np.ndarray, pred_valid: np.ndarray, gts: np.ndarray, gt_valid: np.ndarray, thresholds: Sequence[float]
+    preds: np.ndarray, pred_valid: np.ndarray, gts: np.ndarray, gt_valid: np.ndarray, thresholds: Sequence[float],
+    chunk: int = 8192,
 ) -> np.ndarray:
     """Per-query VOC-interpolated AP at each threshold, (Q, T), ActivityNet detection matching.
 
     preds (Q, P, 3) = (start, end, score) already limited to the first 10 of each query; a prediction,
     in descending score order (ties keep file order), takes the unmatched GT window of highest IoU
-    (ties: the later window) if that IoU >= θ, else it is a false positive.
+    (ties: the later window) if that IoU >= θ, else it is a false positive. Runs over chunks of
+    queries so the working set stays in cache.
     """
+    return np.concatenate([
+        _detection_ap_chunk(preds[lo:lo + chunk], pred_valid[lo:lo + chunk], gts[lo:lo + chunk],
+                            gt_valid[lo:lo + chunk], np.asarray(thresholds, dtype=np.float64))
+        for lo in range(0, len(preds), chunk)
+    ]) if len(preds) else np.zeros((0, len(thresholds)))
+
+
+def _detection_ap_chunk(preds, pred_valid, gts, gt_valid, thr) -> np.ndarray:
     q, p = pred_valid.shape
+    g = gts.shape[1]
     order = np.argsort(-np.where(pred_valid, preds[..., 2], -np.inf), axis=1, kind="stable")
     preds = np.take_along_axis(preds, order[..., None], axis=1)
     pred_valid = np.take_along_axis(pred_valid, order, axis=1)
-    thr = np.asarray(thresholds, dtype=np.float64)
     iou = _true_union_iou(preds[:, :, None, :2], gts[:, None, :, :])  # (Q, P, G)
     iou = np.where(gt_valid[:, None, :], iou, -np.inf)
-    g = gts.shape[1]
     locked = np.zeros((q, len(thr), g), dtype=bool)
-    tp = np.zeros((q, len(thr), p))
-    fp = np.zeros((q, len(thr), p))
-    rev = np.arange(g)[::-1]
+    tp = np.zeros((p, q, len(thr)), dtype=bool)  # prediction-major: each step writes a contiguous block
+    fp = np.zeros((p, q, len(thr)), dtype=bool)
+    gt_index = np.arange(g)
     for j in range(p):
         cand = (iou[:, j, None, :] >= thr[None, :, None]) & ~locked  # (Q, T, G)
-        score = np.where(cand, iou[:, j, None, :], -np.inf)
-        pick = rev[np.argmax(score[..., ::-1], axis=-1)]  # last index among equal best IoUs
+        if g == 1:
+            pick_mask = cand
+        else:
+            score = np.where(cand, iou[:, j, None, :], -np.inf)
+            pick = g - 1 - np.argmax(score[..., ::-1], axis=-1)  # the last among equal best IoUs
+            pick_mask = cand & (gt_index == pick[..., None])
         hit = cand.any(axis=-1) & pred_valid[:, j, None]
-        qi, ti = np.nonzero(hit)
-        locked[qi, ti, pick[qi, ti]] = True
-        tp[:, :, j] = hit
-        fp[:, :, j] = ~hit & pred_valid[:, j, None]
-    tp_cum, fp_cum = np.cumsum(tp, axis=2), np.cumsum(fp, axis=2)
-    n_pos = gt_valid.sum(axis=1).astype(np.float64)[:, None, None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = tp_cum / n_pos
-        precision = tp_cum / (tp_cum + fp_cum)
-    precision = np.nan_to_num(precision)  # a query without predictions has AP 0
-    recall = np.nan_to_num(recall)
+        locked |= pick_mask & hit[..., None]
+        tp[j] = hit
+        fp[j] = ~hit & pred_valid[:, j, None]
+    tp_cum = np.cumsum(tp, axis=0, dtype=np.float64)
+    seen = tp_cum + np.cumsum(fp, axis=0, dtype=np.float64)
+    n_pos = gt_valid.sum(axis=1).astype(np.float64)[None, :, None]
+    # 0/0 (no prediction yet, or a query without GT windows) counts as 0
+    recall = np.divide(tp_cum, n_pos, out=np.zeros_like(tp_cum), where=n_pos > 0)
+    precision = np.divide(tp_cum, seen, out=np.zeros_like(tp_cum), where=seen > 0)
     # VOC: precision envelope (max over higher recall), summed over the recall steps
-    zeros = np.zeros((q, len(thr), 1))
-    mprec = np.concatenate([zeros, precision, zeros], axis=2)
-    mrec = np.concatenate([zeros, recall, zeros + 1.0], axis=2)
-    mprec = np.maximum.accumulate(mprec[..., ::-1], axis=2)[..., ::-1]
-    step = np.diff(mrec, axis=2)
-    return np.sum(np.where(step != 0, step * mprec[..., 1:], 0.0), axis=2)
+    zeros = np.zeros((1, q, len(thr)))
+    mprec = np.concatenate([zeros, precision, zeros], axis=0)
+    mrec = np.concatenate([zeros, recall, zeros + 1.0], axis=0)
+    mprec = np.maximum.accumulate(mprec[::-1], axis=0)[::-1]
+    step = np.diff(mrec, axis=0)
+    return np.sum(np.where(step != 0, step * mprec[1:], 0.0), axis=0)
 
 
 def _moment_metrics(pred_windows, gt_windows, thresholds, max_pred) -> dict[str, dict[str, float]]:
@@ -260,71 +279,65 @@ def _moment_metrics(pred_windows, gt_windows, thresholds, max_pred) -> dict[str,
     return {"MR-mAP": mean_ap, "MR-R1": _r1_at(top1, gts, gt_valid, thresholds)}
 
 
-def _highlight_ap(y_true: np.ndarray, y_pred: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """AP of clip scores against binary labels, per row (rows are (query, annotator) pairs).
+def _highlight_ap(y_pred: np.ndarray, valid: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AP of clip scores against binary labels: y_pred (N, W), valid (N, W), labels (N, L, W) -> (N, L).
 
-    sklearn's precision-recall curve semantics: tied scores form one threshold; precision is
-    interpolated (max over lower thresholds); AP is the MEAN of it over the thresholds where recall
-    grows. A row whose labels are all equal scores 1 if they are positive, else 0.
+    sklearn's precision-recall-curve semantics, as the official script uses it: tied scores form one
+    threshold; precision is interpolated (max over lower thresholds); AP is the MEAN of it over the
+    thresholds where recall grows. A label row that is all 0 scores 0, all 1 scores 1.
     """
-    y_pred = np.where(valid, y_pred, -np.inf)
-    y_true = np.where(valid, y_true, 0.0)
-    order = np.argsort(-y_pred, axis=1, kind="stable")
-    s = np.take_along_axis(y_pred, order, axis=1)
-    t = np.take_along_axis(y_true, order, axis=1)
-    tps = np.cumsum(t, axis=1)
-    n = np.arange(1, s.shape[1] + 1, dtype=np.float64)
-    last_of_tie = np.ones_like(s, dtype=bool)  # a threshold point closes each group of tied scores
-    last_of_tie[:, :-1] = s[:, 1:] != s[:, :-1]
-    last_of_tie &= np.isfinite(s)
-    precision = np.where(last_of_tie, tps / n, -np.inf)
-    interp = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
-    prev_tps = np.zeros_like(tps)  # tps at the previous threshold point
-    pts_tps = np.where(last_of_tie, tps, np.nan)
-    filled = _ffill(pts_tps)
-    prev_tps[:, 1:] = np.nan_to_num(filled[:, :-1])
-    counted = last_of_tie & (tps > prev_tps)
-    ap = np.sum(np.where(counted, interp, 0.0), axis=1) / np.maximum(counted.sum(axis=1), 1)
-    n_valid = valid.sum(axis=1)
-    n_pos = y_true.sum(axis=1)
+    order = np.argsort(-np.where(valid, y_pred, -np.inf), axis=1, kind="stable")  # one sort for all labels
+    s = np.take_along_axis(np.where(valid, y_pred, -np.inf), order, axis=1)[:, None, :]
+    t = np.take_along_axis(np.where(valid[:, None, :], labels, 0.0), np.broadcast_to(order[:, None, :], labels.shape), axis=2)
+    closes = np.ones(s.shape, dtype=bool)  # a threshold point closes each group of tied scores
+    closes[..., :-1] = s[..., 1:] != s[..., :-1]
+    closes &= np.isfinite(s)
+    opens = np.ones(s.shape, dtype=bool)
+    opens[..., 1:] = closes[..., :-1]
+    tps = np.cumsum(t, axis=2)
+    n = np.arange(1, s.shape[2] + 1, dtype=np.float64)
+    interp = np.maximum.accumulate(np.where(closes, tps / n, -np.inf)[..., ::-1], axis=2)[..., ::-1]
+    # tps before the current tie group (nondecreasing, so a running max forward-fills it)
+    before_group = np.maximum.accumulate(np.where(opens, tps - t, 0.0), axis=2)
+    counted = closes & (tps > before_group)  # recall grows at this threshold
+    ap = np.sum(np.where(counted, interp, 0.0), axis=2) / np.maximum(counted.sum(axis=2), 1)
+    n_pos, n_valid = tps[..., -1], valid.sum(axis=1)[:, None]
     constant = (n_pos == 0) | (n_pos == n_valid)
     return np.where(constant, (n_pos > 0).astype(np.float64), ap)
 
 
-def _ffill(a: np.ndarray) -> np.ndarray:
-    """Forward-fill NaNs along axis 1."""
-    idx = np.where(~np.isnan(a), np.arange(a.shape[1]), 0)
-    np.maximum.accumulate(idx, axis=1, out=idx)
-    out = np.take_along_axis(a, idx, axis=1)
-    return out
-
-
-def _highlight_metrics(saliency_preds, gt_records, clip_length: float) -> dict[str, dict[str, float]]:
+def _highlight_metrics(saliency_preds, gt_records, clip_length: float, chunk: int = 4096) -> dict[str, dict[str, float]]:
     """HL-mAP and HIT@1 at each saliency level (GT clips per query = int(duration / clip_length))."""
-    n_clips = [int(g["duration"] / clip_length) for g in gt_records]
-    width = max(max(n_clips), 1)
-    scores = np.zeros((len(gt_records), width, 3))  # annotator scores 0..4 of every clip
+    n_clips = np.asarray([int(g["duration"] / clip_length) for g in gt_records])
+    width = max(int(n_clips.max(initial=0)), 1)
+    q = len(gt_records)
+    scores = np.zeros((q, width, 3))  # annotator scores 0..4 of every clip
     for i, g in enumerate(gt_records):
         ids = np.asarray(g.get("relevant_clip_ids") or [], dtype=np.int64)
         if len(ids):
             scores[i, ids] = np.asarray(g["saliency_scores"], dtype=np.float64)
-    valid = np.arange(width)[None, :] < np.asarray(n_clips)[:, None]
+    valid = np.arange(width)[None, :] < n_clips[:, None]
     # predictions are cut or zero-padded to the GT clip count, as the official script does
-    pred = np.zeros((len(gt_records), width))
-    hit_idx = np.zeros(len(gt_records), dtype=np.int64)
+    pred = np.zeros((q, width))
+    hit_idx = np.zeros(q, dtype=np.int64)
     for i, p in enumerate(saliency_preds):
         p = np.asarray(p, dtype=np.float64)
-        hit_idx[i] = int(np.argmax(p))
+        hit_idx[i] = int(np.argmax(p))  # over the raw prediction
         pred[i, : min(len(p), n_clips[i])] = p[: n_clips[i]]
+    levels = np.asarray(list(SALIENCY_LEVELS.values()), dtype=np.float64)
+    # labels (Q, level x annotator, W); the official HIT@1 reads clip argmax if it is a GT clip
+    ap = np.zeros((q, len(levels) * 3))
+    for lo in range(0, q, chunk):
+        sl = slice(lo, lo + chunk)
+        labels = (scores[sl, None, :, :] >= levels[None, :, None, None]).transpose(0, 1, 3, 2)
+        ap[sl] = _highlight_ap(pred[sl], valid[sl], labels.reshape(len(labels), -1, width).astype(np.float64))
+    inside = hit_idx < n_clips
+    picked = scores[np.arange(q), np.minimum(hit_idx, width - 1)]  # (Q, 3 annotators)
     out = {}
-    for name, level in SALIENCY_LEVELS.items():
-        binary = (scores >= level).astype(np.float64) * valid[..., None]
-        inside = hit_idx < np.asarray(n_clips)
-        hit = np.where(inside[:, None], binary[np.arange(len(binary)), np.minimum(hit_idx, width - 1)], 0.0)
-        y_true = binary.transpose(0, 2, 1).reshape(-1, width)  # rows: (query, annotator)
-        ap = _highlight_ap(y_true, np.repeat(pred, 3, axis=0), np.repeat(valid, 3, axis=0))
-        out[f"HL-min-{name}"] = {"HL-mAP": _round2(100 * float(np.mean(ap))),
-                                 "HL-Hit1": _round2(100 * float(np.mean(hit.max(axis=1))))}
+    for li, (name, level) in enumerate(SALIENCY_LEVELS.items()):
+        hit = np.where(inside[:, None], picked >= level, False).max(axis=1)
+        out[f"HL-min-{name}"] = {"HL-mAP": _round2(100 * float(np.mean(ap[:, 3 * li: 3 * li + 3]))),
+                                 "HL-Hit1": _round2(100 * float(np.mean(hit)))}
     return out
 
 
