@@ -9,9 +9,11 @@ are cited next to it (feature_protocols.md sections 2a-2e); docs/clip_extractors
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -212,6 +214,33 @@ def c3d_plan(num_frames: int, protocol: str = "clips16", stride: int = 8, tail: 
     clips = [np.minimum(s + np.arange(length), last) for s in starts]
     rows = [np.array([[s, min(s + length - 1, last)]]) for s in starts]
     return ClipPlan(clips, rows, info)
+
+
+# -- per-video facts ---------------------------------------------------------------------------------
+
+
+def video_info_from_record(record: dict):
+    """`VideoInfo` from a decode record (`pipeline.decode`: native_fps, stream_duration)."""
+    from extractors._base import VideoInfo
+
+    return VideoInfo(record["video"], float(record["native_fps"] or 0.0), record.get("stream_duration"))
+
+
+def video_info_from_frames(frames: np.ndarray):
+    """Fallback while the extract runner does not pass `group(..., video=)`: the kept frames are a
+    memory map of <store>/<protocol key>/<vid>.npy, and the decode record is <store>/videos/<vid>.json.
+    None when the frames are not such a memory map (then the caller must pass `video`)."""
+    base = frames
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    filename = getattr(base, "filename", None)
+    if not filename:
+        return None
+    path = Path(filename)
+    record = path.parent.parent / "videos" / f"{path.stem}.json"
+    if not record.is_file():
+        return None
+    return video_info_from_record(json.loads(record.read_text()))
 
 
 # -- units ------------------------------------------------------------------------------------------

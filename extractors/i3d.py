@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from extractors import EXTRACTORS
@@ -241,7 +241,14 @@ class I3DExtractor(Extractor):
         chunk: int = Field(1600, ge=64)  # lgi: longest single pass, piergiaj's 1600
         crop: int = Field(224, ge=32)  # 224 (upscale below crop + 2 = 226); smaller only for tests
         num_classes: int = Field(157, ge=1)  # head of the random-init model (weights set their own)
-        batch_size: int = Field(4, ge=1)
+        # lgi passes are whole videos of different lengths: one per batch
+        batch_size: int = Field(1, ge=1)
+
+        @model_validator(mode="after")
+        def _one_video_per_lgi_batch(self):
+            if self.protocol == "lgi" and self.batch_size != 1:
+                raise ValueError("protocol lgi runs each whole video as one pass: batch_size must be 1")
+            return self
 
     def protocol(self) -> SamplingProtocol:
         # Native-size frames: piergiaj upscales only frames whose short side is below 226 and

@@ -36,7 +36,7 @@ from extractors._base import (
     torch_load,
     unwrap_state_dict,
 )
-from extractors._clips import hero_slowfast_plan, make_units, slow_positions
+from extractors._clips import hero_slowfast_plan, make_units, slow_positions, video_info_from_frames
 
 SLOWFAST_DIM = 2304
 MEAN, STD = 0.45, 0.225
@@ -190,11 +190,14 @@ class SlowFastExtractor(Extractor):
         return hero_slowfast_plan(num_frames, video.fps, video.duration, c.clip_len, c.target_fps)
 
     def group(self, frames, windows, video: VideoInfo | None = None):
-        if video is None:
-            raise ValueError("slowfast (HERO protocol) needs the video's native fps and duration: "
+        video = video or video_info_from_frames(frames)
+        if video is None or not video.fps:
+            raise ValueError("slowfast (HERO protocol) needs the video's native fps and stream duration: "
                              "call group(frames, windows, video=VideoInfo(...))")
         plan = self.plan(len(frames), video)
-        return make_units(frames, plan.clips), plan.row_windows(windows)
+        # row k stands for the clip [k, k+1) * clip_len, as Moment-DETR/MESM read it (padding included)
+        starts = np.arange(len(plan.clips), dtype=np.float64) * self.config.clip_len
+        return make_units(frames, plan.clips), np.stack([starts, starts + self.config.clip_len], axis=1)
 
     def build_model(self) -> torch.nn.Module:
         torch.manual_seed(self.config.seed)
