@@ -202,3 +202,21 @@ def test_missing_file_and_unknown_format(tmp_path):
         load_split(tmp_path / "nope.txt", durations=["x.csv"])
     with pytest.raises(ValueError, match="unknown annotation format"):
         load_split(tmp_path, "bogus")
+
+
+def test_malformed_csv_inputs(tmp_path):
+    (tmp_path / "d.csv").write_text('id,length\nV1,12.5\nV2,"a, b"\n')
+    (tmp_path / "q.txt").write_text("V1 0 1##a\n")
+    with pytest.raises(AnnotationError, match=r"d.csv:3: .*expected a number"):
+        load_split(tmp_path / "q.txt", durations=[tmp_path / "d.csv"])
+    (tmp_path / "nolength.csv").write_text("id,subject\nV1,x\n")
+    with pytest.raises(AnnotationError, match=r"nolength.csv:1: csv header has no 'length'"):
+        load_split(tmp_path / "q.txt", durations=[tmp_path / "nolength.csv"])
+    (tmp_path / "t.csv").write_text("key,vid_key,video_id,sentence\nret0,msr0,video0,a cat\nret1,msr1,,a dog\n")
+    with pytest.raises(AnnotationError, match=r"t.csv:3: empty video_id"):
+        load_split(tmp_path / "t.csv", "msrvtt_csv")
+    assert load_split(tmp_path / "t.csv", "msrvtt_csv", on_error="skip").report["malformed_skipped"] == 1
+    (tmp_path / "split.csv").write_text("video_id\nvideo0\n")
+    (tmp_path / "data.json").write_text('{"sentences": [{"video_id": "video0", "caption": "a"}, {"caption": "b"}]}')
+    with pytest.raises(AnnotationError, match=r"data.json: key 'sentences\[1\]'"):
+        load_split(tmp_path / "data.json", "msrvtt_json", durations=[tmp_path / "split.csv"])
