@@ -30,6 +30,10 @@ Moment-DETR / MESM / QVHighlights (standalone_eval semantics, our own code)
 Text-video retrieval (CLIP4Clip `compute_metrics` semantics, incl. its tie rule)
     retrieval_metrics(sim (Nq, Nc)) -> {"R@1", "R@5", "R@10", "R@50", "MdR", "MnR"}
     evaluate_retrieval(sim) -> {"t2v": ..., "v2t": ...}
+    evaluate_multi_caption_retrieval(sim, caption_video) -> the same, several captions per video
+
+Files: score_file(predictions, annotations, dataset, split, ...) is `vmr score`'s library side;
+DATASETS holds each dataset's format, thresholds, NMS and length buckets.
 """
 
 from __future__ import annotations
@@ -437,6 +441,33 @@ def evaluate_retrieval(sim: np.ndarray) -> dict[str, dict[str, float]]:
     sim = np.asarray(sim)
     return {"t2v": retrieval_metrics(sim), "v2t": retrieval_metrics(sim.T)}
 
+
+
+def evaluate_multi_caption_retrieval(sim: np.ndarray, caption_video: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Several captions per video (MSVD-style), CLIP4Clip's procedure.
+
+    sim (captions x videos); caption_video[i] = the column of caption i's video. Text-to-video: each
+    caption's rank of its own video; captions whose own score is NaN or +-inf are dropped; MdR is the
+    LOWER middle value for an even count (torch.median). CLIP4Clip breaks ties arbitrarily (torch
+    argsort); here a tie counts in the caption's favour (rank = number of strictly higher videos).
+    Video-to-text: each video ranks the caption groups of all videos by their best caption
+    (NaN -> -inf first), then `retrieval_metrics` (its tie rule) on that videos x videos matrix.
+    """
+    sim = np.asarray(sim, dtype=np.float64)
+    cap = np.asarray(caption_video, dtype=np.int64)
+    if sim.ndim != 2 or len(cap) != sim.shape[0] or cap.min(initial=0) < 0 or cap.max(initial=0) >= sim.shape[1]:
+        raise ValueError(f"caption_video must give a column of sim {sim.shape} for each of its rows")
+    own = sim[np.arange(len(cap)), cap]
+    keep = np.isfinite(own)
+    ranks = (sim[keep] > own[keep, None]).sum(axis=1)
+    if len(ranks) == 0:
+        raise ValueError("no caption has a finite score for its own video")
+    t2v = {f"R@{k}": float(100.0 * np.mean(ranks < k)) for k in (1, 5, 10, 50)}
+    t2v["MdR"] = float(np.sort(ranks)[(len(ranks) - 1) // 2]) + 1
+    t2v["MnR"] = float(np.mean(ranks)) + 1
+    best = np.full((sim.shape[1], sim.shape[1]), -np.inf)  # [caption group's video, query video]
+    np.maximum.at(best, cap, np.nan_to_num(sim, nan=-np.inf, posinf=np.inf, neginf=-np.inf))
+    return {"t2v": t2v, "v2t": retrieval_metrics(best.T)}
 
 # -- scoring a predictions file (`vmr score`) ------------------------------------------------
 

@@ -130,3 +130,18 @@ def test_retrieval_nan_diagonal_row_dropped_and_directions():
     assert t2v["R@1"] == 50.0 and t2v["MnR"] == 2.0  # ranks [0, 2] from rows 1 and 2
     both = evaluate_retrieval(np.eye(4))
     assert both["t2v"]["R@1"] == both["v2t"]["R@1"] == 100.0 and both["v2t"]["MdR"] == 1.0
+
+
+def test_multi_caption_retrieval():
+    from pipeline.evaluation import evaluate_multi_caption_retrieval
+
+    # captions 0,1 -> video 0 ; caption 2 -> video 1 ; caption 3 -> video 2
+    sim = np.array([[0.9, 0.1, 0.2], [0.1, 0.5, 0.3], [0.2, 0.8, 0.1], [0.7, 0.6, 0.4]])
+    m = evaluate_multi_caption_retrieval(sim, [0, 0, 1, 2])
+    # own-video ranks: 0, 2, 0, 2 -> R@1 50, lower median of (1, 1, 3, 3) = 1, MnR 2
+    assert (m["t2v"]["R@1"], m["t2v"]["MdR"], m["t2v"]["MnR"]) == (50.0, 1.0, 2.0)
+    # video v ranks caption groups by their best caption: groups = [max(c0,c1), c2, c3]
+    best = np.array([[0.9, 0.5, 0.3], [0.2, 0.8, 0.1], [0.7, 0.6, 0.4]])
+    assert m["v2t"] == retrieval_metrics(best.T)
+    with pytest.raises(ValueError, match="caption_video"):
+        evaluate_multi_caption_retrieval(sim, [0, 0, 3, 1])
