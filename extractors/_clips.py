@@ -58,13 +58,13 @@ def hero_fast_positions(source_fps: float, clip_frames: int, target_fps: int = 3
     """
     fps = math.floor(source_fps)
     span = num_frames * sampling_rate * fps / target_fps
-    pos = torch.linspace(0, span - 1, num_frames)  # float32, as HERO computes it
+    pos = torch.linspace(0, span - 1, num_frames, device="cpu")  # float32, as HERO computes it
     return torch.clamp(pos, 0, clip_frames - 1).long().numpy()
 
 
 def slow_positions(num_fast: int = 32, alpha: int = 4) -> np.ndarray:
     """Slow pathway = fast[linspace(0, T-1, T // alpha).long()] = [0,4,8,13,17,22,26,31] for T=32."""
-    return torch.linspace(0, num_fast - 1, num_fast // alpha).long().numpy()
+    return torch.linspace(0, num_fast - 1, num_fast // alpha, device="cpu").long().numpy()
 
 
 def hero_slowfast_plan(num_frames: int, source_fps: float, duration: float | None,
