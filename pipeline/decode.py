@@ -79,15 +79,15 @@ def probe(path: Path) -> dict[str, Any]:
 
     try:
         container = av.open(str(path))
-    except av.error.FFmpegError as e:
-        raise DecodeError(f"unreadable container: {e}") from None
+    except av.error.FFmpegError as e:  # strerror: the reason without the (machine-specific) path
+        raise DecodeError(f"unreadable container: {e.strerror or e}") from None
     except OSError as e:
         raise DecodeError(f"cannot open: {e}") from None
     with container:
         if not container.streams.video:
             raise DecodeError("no video stream")
         stream = container.streams.video[0]
-        codec = stream.codec_context.name
+        codec = stream.codec_context.codec.canonical_name  # "av1", not the decoder ("libdav1d")
         tb = float(stream.time_base) if stream.time_base else 0.0
         file_start = container.start_time / 1e6 if container.start_time is not None else 0.0
         stream_start = stream.start_time * tb if stream.start_time is not None else file_start
@@ -95,9 +95,11 @@ def probe(path: Path) -> dict[str, Any]:
         if codec not in UNSUPPORTED_CODECS:
             try:  # the display matrix is exposed on decoded frames
                 frame = next(container.decode(stream), None)
-                rotation = int(getattr(frame, "rotation", 0) or 0) if frame is not None else 0
             except av.error.FFmpegError:
-                rotation = 0  # decode problems are reported by the decoder below
+                frame = False  # decode problems are reported by the decoder below
+            if frame is None:  # decord would fail with a cryptic filter-graph error
+                raise DecodeError("zero frames: the video stream holds no decodable frame")
+            rotation = int(getattr(frame, "rotation", 0) or 0) if frame else 0
         return {
             "codec": codec,
             "width": stream.codec_context.width,

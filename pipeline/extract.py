@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from extractors._base import VideoInfo
 from pipeline.atomic import remove_stale_temporaries, write_json, write_npy
 from pipeline.framestore import FrameStore
 
@@ -121,9 +122,11 @@ def extract_videos(
         )
         videos.append(_Video(vid, done, side["units"] if done else None))
 
-    def load(v: _Video) -> tuple[np.ndarray, np.ndarray]:
+    def load(v: _Video) -> tuple[object, np.ndarray]:
         vf = store.load(v.vid, key)
-        units, windows = extractor.group(np.asarray(vf.frames), vf.windows)
+        record = store.read_record(v.vid) or {}
+        info = VideoInfo(v.vid, fps=record.get("native_fps") or 0.0, duration=record.get("stream_duration"))
+        units, windows = extractor.group(vf.frames, vf.windows, video=info)
         return units, windows
 
     # Prefetch frames of upcoming unfinished videos in a thread (np.load + group release the GIL
@@ -191,26 +194,30 @@ def extract_videos(
         nonlocal units_run, model_seconds
         if not batch or all(videos[p].done for p, _, _ in batch):
             return
-        arrays = []
+        # units in stream order; runs of equal shape go through the model together
+        units: list[np.ndarray] = []
         for p, a, b in batch:
             ensure_loaded(videos[p])
-            arrays.append(videos[p].data[0][a:b])
-        if sum(len(x) for x in arrays):
+            piece = videos[p].data[0][a:b]
+            if isinstance(piece, list):  # units of different shapes (e.g. LGI's I3D chunks)
+                units.extend(np.asarray(u)[None] for u in piece)
+            else:
+                units.append(np.asarray(piece))
+        rows_per_unit: list[np.ndarray] = []
+        for run in _same_shape_runs(units):
             t0 = time.perf_counter()
-            out = _forward(extractor, model, device, np.concatenate(arrays, axis=0))
+            out = _forward(extractor, model, device, run)
             model_seconds += time.perf_counter() - t0
-            units_run += sum(len(x) for x in arrays)
-        else:
-            out = np.zeros((0, extractor.dim), np.float32)
+            units_run += len(run)
+            rows_per_unit.extend(o.reshape(-1, o.shape[-1]) for o in out)
         offset = 0
         for p, a, b in batch:
-            n = b - a
-            rows = out[offset : offset + n]
-            offset += n
             v = videos[p]
+            mine = rows_per_unit[offset : offset + (b - a)]
+            offset += b - a
             if v.done:
                 continue
-            v.rows.append(rows.reshape(-1, rows.shape[-1]))
+            v.rows.extend(mine)
             if b == v.units:
                 finish(v)
 
@@ -238,6 +245,19 @@ def extract_videos(
     pool.shutdown(wait=True)
     skipped = sum(v.done for v in videos)
     return ExtractSummary(len(videos), computed, skipped, units_run, model_seconds)
+
+
+def _same_shape_runs(chunks: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """Concatenate consecutive (n, ...) chunks whose unit shapes agree."""
+    run: list[np.ndarray] = []
+    for c in chunks:
+        if run and c.shape[1:] != run[0].shape[1:]:
+            yield np.concatenate(run, axis=0)
+            run = []
+        if len(c):
+            run.append(c)
+    if run:
+        yield np.concatenate(run, axis=0)
 
 
 def _forward(extractor, model, device: torch.device, units: np.ndarray) -> np.ndarray:

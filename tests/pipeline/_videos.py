@@ -1,0 +1,62 @@
+"""Tiny test videos made with PyAV: every frame carries its own index, so tests can tell which
+source frame the decoder kept (left half grey 16 * (i // 16) + 8, right half 16 * (i % 16) + 8:
+luma steps of 16 survive H.264 and resizing; up to 256 frames)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def frame_image(i: int, width: int, height: int, marker: bool = False) -> np.ndarray:
+    img = np.empty((height, width, 3), np.uint8)
+    img[:, : width // 2] = 16 * ((i // 16) % 16) + 8
+    img[:, width // 2 :] = 16 * (i % 16) + 8
+    if marker:  # a white block in the top-left quarter, to see rotations
+        img[: height // 2, : width // 2] = 255
+    return img
+
+
+def write_video(
+    path: Path,
+    frames: int = 30,
+    fps: int | Fraction = 30,
+    width: int = 64,
+    height: int = 48,
+    codec: str = "libx264",
+    pts_ms: list[int] | None = None,
+    rotation: int | None = None,
+    marker: bool = False,
+    pix_fmt: str = "yuv420p",
+) -> Path:
+    """Encode `frames` index-coded frames; `pts_ms` gives variable frame times in milliseconds."""
+    with av.open(str(path), "w") as out:
+        # with explicit times, a 1 ms codec time base keeps them exact (else they snap to 1/fps)
+        stream = out.add_stream(codec, rate=1000 if pts_ms is not None else fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if codec == "libx264":
+            stream.options = {"crf": "12", "g": "10", "bf": "0"}  # no B-frames: pts as given
+        if pts_ms is not None:
+            stream.time_base = Fraction(1, 1000)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(frame_image(i, width, height, marker), format="rgb24")
+            if pts_ms is not None:
+                frame.pts, frame.time_base = pts_ms[i], Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def index_of(frame: np.ndarray) -> int:
+    """The source index a (possibly resized or cropped) frame carries."""
+    w = frame.shape[1]
+    high = float(np.median(frame[:, : w // 4]))
+    low = float(np.median(frame[:, -(w // 4) :]))
+    return 16 * int(round((high - 8) / 16)) + int(round((low - 8) / 16))

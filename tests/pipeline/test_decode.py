@@ -1,0 +1,209 @@
+"""Decode: frame selection on real encoded videos, rotation, VFR, bad inputs, worker pool, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _videos import index_of, write_video
+
+from extractors._base import SamplingProtocol
+from pipeline.decode import decode_all, list_videos, run_pool
+from pipeline.framestore import FrameStore
+
+REPO = Path(__file__).resolve().parents[2]
+CLIP1 = SamplingProtocol(rule="fps_filter", rate=1.0, short_side=224, crop=224)  # Charades clip_len 1
+CLIP2 = SamplingProtocol(rule="fps_filter", rate=0.5, short_side=224, crop=224)  # QVH clip_len 2
+SMALL = dict(short_side=32, crop=32)
+
+
+def decode(tmp_path: Path, protocols, **kw):
+    videos = list_videos(tmp_path / "videos")
+    summary = decode_all(videos, tmp_path / "frames", protocols, workers=kw.pop("workers", 1), **kw)
+    return summary, FrameStore(tmp_path / "frames")
+
+
+@pytest.fixture
+def vdir(tmp_path: Path) -> Path:
+    (tmp_path / "videos").mkdir()
+    return tmp_path / "videos"
+
+
+def test_fps_filter_keeps_mid_window_frames_of_a_real_video(tmp_path, vdir):
+    # 95 frames at 30 fps: 3.1667 s. rate 1: round(3.17) = 3 slots, slot k = last frame with
+    # t < k + 0.5 -> frames 14, 44, 74. rate 0.5: round(1.58) = 2 slots, t < 1 and t < 3 -> 29, 89.
+    write_video(vdir / "a.mp4", frames=95)
+    summary, store = decode(tmp_path, [CLIP1, CLIP2])
+    assert summary.decoded == 1 and not summary.failed
+    one, two = store.load("a", CLIP1.key), store.load("a", CLIP2.key)
+    assert one.source_index.tolist() == [14, 44, 74]
+    assert [index_of(f) for f in one.frames] == [14, 44, 74]
+    assert one.frames.shape == (3, 224, 224, 3) and one.frames.dtype == np.uint8
+    assert one.windows.tolist() == [[0, 1], [1, 2], [2, 3]]
+    assert np.allclose(one.pts, [14 / 30, 44 / 30, 74 / 30], atol=1e-6)
+    assert two.source_index.tolist() == [29, 89]
+    assert [index_of(f) for f in two.frames] == [29, 89]
+    rec = store.read_record("a")
+    assert rec["num_frames"] == 95 and rec["native_fps"] == 30 and rec["codec"] == "h264"
+    assert rec["duration"] == pytest.approx(95 / 30, abs=1e-6)
+    assert rec["decoder"].startswith("decord")
+
+
+def test_every_n_and_uniform_rules(tmp_path, vdir):
+    write_video(vdir / "a.mp4", frames=40)
+    every8 = SamplingProtocol(rule="every_n", every_n=8, **SMALL)
+    uniform = SamplingProtocol(rule="uniform", rate=2.0, **SMALL)
+    _, store = decode(tmp_path, [every8, uniform])
+    e = store.load("a", every8.key)
+    assert e.source_index.tolist() == [0, 8, 16, 24, 32]
+    assert [index_of(f) for f in e.frames] == [0, 8, 16, 24, 32]
+    assert e.windows[1].tolist() == pytest.approx([8 / 30, 16 / 30], abs=1e-6)
+    u = store.load("a", uniform.key)  # first frame at or after k / 2 s; ceil(1.333 * 2) = 3 slots
+    assert u.source_index.tolist() == [0, 15, 30]
+
+
+def test_variable_frame_rate_selection_uses_real_timestamps(tmp_path, vdir):
+    pts = [0, 100, 250, 900, 1000, 1600, 2300]  # ms; the last frame lasts 1 ms -> end 2.301 s
+    write_video(vdir / "vfr.mp4", frames=7, pts_ms=pts)
+    half = SamplingProtocol(rule="fps_filter", rate=2.0, **SMALL)
+    _, store = decode(tmp_path, [half])
+    v = store.load("vfr", half.key)
+    # round(2.301 * 2) = 5 slots; slot k keeps the last frame with t < (k + 0.5) / 2:
+    # t < 0.25 -> frame 1 (0.25 itself is excluded), t < 0.75 -> 2, t < 1.25 -> 4, t < 1.75 -> 5,
+    # t < 2.25 -> 5 again (the gap repeats the previous frame)
+    assert v.source_index.tolist() == [1, 2, 4, 5, 5]
+    assert [index_of(f) for f in v.frames] == [1, 2, 4, 5, 5]
+    assert np.allclose(v.pts, [0.1, 0.25, 1.0, 1.6, 1.6], atol=1e-6)
+
+
+def test_rotated_video_is_decoded_upright(tmp_path, vdir):
+    # stored 64x48 landscape with a white block top-left; display rotation 90 (counter-clockwise)
+    write_video(vdir / "rot.mp4", frames=10, width=64, height=48, rotation=90, marker=True)
+    raw = SamplingProtocol(rule="every_n", every_n=5, short_side=0, crop=0)
+    _, store = decode(tmp_path, [raw])
+    rec = store.read_record("rot")
+    assert rec["status"] == "ok" and rec["rotation"] == 90 and rec["decoder"].startswith("pyav")
+    f = store.load("rot", raw.key).frames
+    assert f.shape == (2, 64, 48, 3)  # portrait after rotation
+    # rotating the top-left block 90 degrees counter-clockwise puts it bottom-left
+    assert f[0, -5:, :5].mean() > 200 and f[0, :5, :5].mean() < 200
+
+
+def test_hero_short_video_rule(tmp_path, vdir):
+    # 62 frames at 30 fps = 2.067 s < clip_len 2 + 0.1: HERO uses fps = 2 / int(2.067) = 1 -> 2 frames,
+    # where the plain fps filter at 0.5 gives round(1.03) = 1.
+    write_video(vdir / "short.mp4", frames=62)
+    hero = SamplingProtocol(rule="fps_filter", rate=0.5, hero_short_video=True, **SMALL)
+    plain = SamplingProtocol(rule="fps_filter", rate=0.5, **SMALL)
+    _, store = decode(tmp_path, [hero, plain])
+    assert store.load("short", hero.key).source_index.tolist() == [14, 44]
+    assert store.load("short", plain.key).source_index.tolist() == [29]
+
+
+def _zero_frame_mkv(path: Path) -> None:
+    """A Matroska file whose video track has no frames (only audio packets were written)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("libx264", rate=30)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        a = out.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for i in range(5):
+            frame.pts = i * 1024
+            for packet in a.encode(frame):
+                out.mux(packet)
+        for packet in a.encode():
+            out.mux(packet)
+
+
+def test_bad_inputs_are_reported_and_skipped(tmp_path, vdir):
+    write_video(vdir / "good.mp4", frames=30)
+    (vdir / "garbage.mp4").write_bytes(os.urandom(4096))
+    (vdir / "text.mkv").write_text("this is not a video\n")
+    data = (write_video(tmp_path / "full.mp4", frames=60)).read_bytes()
+    (vdir / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    _zero_frame_mkv(vdir / "empty.mkv")
+    write_video(vdir / "av1.mp4", frames=5, codec="libsvtav1", width=64, height=64)
+    (vdir / "notes.txt").write_text("ignored: not a video extension")
+
+    summary, store = decode(tmp_path, [SamplingProtocol(rule="fps_filter", rate=1.0, **SMALL)])
+    assert summary.total == 6 and summary.decoded == 1
+    report = json.loads((tmp_path / "frames" / "failures.json").read_text())
+    reasons = {f["video"]: f["reason"] for f in report["failures"]}
+    assert set(reasons) == {"garbage", "text", "truncated", "empty", "av1"}
+    assert report == {"total": 6, "failed": 5, "failures": report["failures"]}
+    assert "unsupported codec 'av1'" in reasons["av1"]
+    assert reasons["empty"].startswith("zero frames")
+    for vid in ("garbage", "text", "truncated"):
+        assert "unreadable" in reasons[vid] or "cannot" in reasons[vid], reasons[vid]
+    manifest = json.loads((tmp_path / "frames" / "manifest.json").read_text())["videos"]
+    assert manifest["good"]["status"] == "ok" and manifest["av1"]["status"] == "failed"
+    assert store.video_ids() == ["good"]
+
+
+def _sleepy(task):
+    if task == "hang":
+        time.sleep(60)
+    if task == "crash":
+        os._exit(3)
+    return (task, os.getpid())
+
+
+def test_pool_times_out_hung_tasks_and_survives_crashes():
+    t0 = time.monotonic()
+    results = list(run_pool(_sleepy, ["a", "hang", "b", "crash", "c"], workers=2, timeout_s=3, recycle_after=100))
+    assert time.monotonic() - t0 < 30
+    by_task = {r.task: r for r in results}
+    assert by_task["hang"].status == "failed" and "timed out after 3 s" in by_task["hang"].value
+    assert by_task["crash"].status == "failed" and "worker crashed" in by_task["crash"].value
+    assert all(by_task[t].status == "ok" for t in "abc")
+
+
+def test_pool_recycles_workers():
+    results = list(run_pool(_sleepy, list("abcd"), workers=1, timeout_s=30, recycle_after=2))
+    pids = [r.value[1] for r in sorted(results, key=lambda r: r.task)]
+    assert pids[0] == pids[1] and pids[2] == pids[3] and pids[0] != pids[2]
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_is_byte_identical(tmp_path):
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    for i in range(10):
+        write_video(vids / f"v{i}.mp4", frames=45 + 7 * i, width=96, height=64)
+    params = tmp_path / "params.yaml"
+    out = tmp_path / "frames"  # both runs write here (the provenance records out_dir)
+    params.write_text(f"decode: {{video_dir: {vids}, out_dir: {out}, workers: 1}}\nfeatures: [clip]\n")
+    cmd = [sys.executable, "-m", "pipeline.cli", "decode", "--params", str(params)]
+    env = dict(os.environ, VMR_NO_PROGRESS="1")
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+    clean = _tree_bytes(out)
+    shutil.rmtree(out)
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    records = out / "videos"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(records.glob("*.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the stage and its decode workers, mid-run
+    proc.wait()
+    done_before = len(list(records.glob("*.json")))
+    assert 2 <= done_before < 10, "the kill should land mid-run"
+    result = subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    assert f"{done_before} already done" in result.stderr
+    assert _tree_bytes(out) == clean
