@@ -371,6 +371,10 @@ class CNMConfig(TrainConfig):
     grad_clip: float | None = None  # must stay null: CNM clips in its optimisers (see clip_norm)
     select_metric: str = "mIoU"  # CNM keeps the epoch with the best mIoU
     feature: str = "clip"  # features/<feature>.h5 holds the frame features
+    # Not in CNM (False reproduces it): z-score every feature channel with the mean/std over the
+    # training videos' frames (no labels involved). Features with a large shared component (e.g. a
+    # randomly initialised CLIP on the synthetic set) otherwise drown the frame-to-frame changes.
+    standardize_features: bool = False
     vocab_size: int = Field(8000, ge=1)  # reconstruction targets: the most common words of glove.pkl
     max_num_words: int = Field(20, ge=1)
     max_num_frames: int = Field(200, ge=PROPOSAL_STRIDE)  # every video is resampled to exactly this
@@ -463,6 +467,12 @@ class CNM(GroundingModel):
         self.fc_rec = nn.Linear(H, num_classes)
         self.fc_mask_gen = nn.Linear(H, 2)
         self.register_buffer("word_positions", sinusoidal_positions(cfg.max_num_words + 1, H), persistent=False)
+        if cfg.standardize_features:  # saved with the weights, so evaluation uses the training statistics
+            mean, std = torch.zeros(frame_dim), torch.ones(frame_dim)
+            if data is not None:
+                mean, std = feature_statistics(self.features, {q.video_id for q in data.queries("train")})
+            self.register_buffer("frame_mean", mean)
+            self.register_buffer("frame_std", std)
         if cfg.weights is not None:
             load_official_checkpoint(self, cfg.weights, cfg.weights_sha256)
 
@@ -475,6 +485,8 @@ class CNM(GroundingModel):
         logits of the positive, hard-negative and easy-negative reconstructions and the loss mask.
         """
         B, N, _ = frames_feat.shape
+        if self.cfg.standardize_features:
+            frames_feat = (frames_feat - self.frame_mean) / self.frame_std
         frames = self.frame_fc(F.dropout(frames_feat, self.cfg.dropout, self.training))
         words_feat = torch.cat([self.start_vec.expand(B, 1, -1), words_feat[:, 1:]], dim=1)
         positions = self.word_positions[: words_feat.size(1)][None]
@@ -586,6 +598,17 @@ class CNM(GroundingModel):
         if self.cfg.weights is not None:
             record["cnm_checkpoint"] = weights_record(self.cfg.weights, self.cfg.weights_sha256)
         return record
+
+
+def feature_statistics(features: FeatureFile, video_ids: Iterable[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (+1e-6) over every frame of the given videos, in float64, sorted ids."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for vid in sorted(video_ids):
+        x = features[vid].astype(np.float64)
+        total, total_sq, count = total + x.sum(0), total_sq + (x**2).sum(0), count + len(x)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0)) + 1e-6
+    return torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
 
 
 def proposal_frame_indices(num_frames: int) -> torch.Tensor:

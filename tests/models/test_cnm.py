@@ -471,3 +471,14 @@ def test_garbage_training_moments_leave_the_trained_weights_bit_identical(tmp_pa
     assert not torch.equal(init["fc_mask_gen.weight"], runs["true"]["fc_mask_gen.weight"])  # it did train
     assert runs["true"].keys() == runs["garbage"].keys()
     assert all(torch.equal(runs["true"][k], runs["garbage"][k]) for k in runs["true"])
+
+
+def test_optional_feature_standardization_uses_training_videos_only(tmp_path):
+    data = write_tiny_dataset(tmp_path)
+    model = CNM(CNMConfig(**TINY, standardize_features=True), data)
+    with h5py.File(tmp_path / "clip.h5") as h5:
+        frames = np.concatenate([h5[f"tr{i}"][()] for i in range(6)])  # the test videos "te*" are left out
+    assert np.allclose(model.frame_mean.numpy(), frames.mean(0), atol=1e-5)
+    assert np.allclose(model.frame_std.numpy(), frames.std(0) + 1e-6, atol=1e-5)
+    assert {"frame_mean", "frame_std"} <= set(model.state_dict())
+    assert "frame_mean" not in CNM(CNMConfig(**TINY), data).state_dict()  # off: the official state dict
