@@ -150,3 +150,28 @@ def test_lazy_clips_gather_on_demand():
     assert np.asarray(units)[0, :, 0, 0, 0].tolist() == [0, 2]
     ragged = make_units(frames, [np.arange(3), np.arange(5)])
     assert isinstance(ragged, list) and [len(u) for u in ragged] == [3, 5]
+
+
+# -- per-video facts reach the SlowFast rule ----------------------------------------------------
+
+
+def test_slowfast_group_takes_video_info_or_the_decode_record(tmp_path):
+    from extractors import EXTRACTORS
+    from extractors._base import VideoInfo
+
+    ex = EXTRACTORS.get("slowfast")(EXTRACTORS.get("slowfast").Config(clip_len=1))  # group never resizes
+    frames = np.zeros((45, 8, 8, 3), np.uint8)
+    windows = np.stack([np.arange(45), np.arange(1, 46)], 1) / 30
+    units, rows = ex.group(frames, windows, video=VideoInfo("a", 25.0, 1.5))
+    assert units.shape == (2, 32, 8, 8, 3) and rows.tolist() == [[0, 1], [1, 2]]
+    assert units.index[0].tolist() == hero_fast_positions(25, 30).tolist()
+    assert len(ex.group(frames, windows, video=VideoInfo("a", 25.0, 0.9))[0]) == 1  # duration caps
+    with pytest.raises(ValueError, match="native fps"):
+        ex.group(frames, windows)  # a plain array, no record to find
+    # frame-store layout: <store>/<protocol key>/<vid>.npy, record in <store>/videos/<vid>.json
+    (tmp_path / "key").mkdir()
+    (tmp_path / "videos").mkdir()
+    np.save(tmp_path / "key" / "b.npy", frames)
+    (tmp_path / "videos" / "b.json").write_text('{"video": "b", "native_fps": 60.0, "stream_duration": 1.2}')
+    units, _ = ex.group(np.asarray(np.load(tmp_path / "key" / "b.npy", mmap_mode="r")), windows)
+    assert len(units) == 2 and units.index[0].tolist() == hero_fast_positions(60, 30).tolist()
