@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal, Optional
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from models import MODELS
-from pipeline.params import Section
+from pipeline.trainer import DataContext, GroundingModel, Optimization, StepContext, TrainConfig
 
 # -- span helpers ---------------------------------------------------------------------------------
 
@@ -87,7 +89,7 @@ class MLP(nn.Module):
     def __init__(self, in_dim: int, hidden: int, out_dim: int, num_layers: int):
         super().__init__()
         dims = [in_dim] + [hidden] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [out_dim]))
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [out_dim], strict=False))
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
@@ -144,7 +146,7 @@ def anchor_sine_embedding(anchors: Tensor, dim: int) -> Tensor:
 class FeedForward(nn.Module):
     """Linear -> PReLU -> Dropout -> Linear (MESM uses one learnable PReLU per block)."""
 
-    def __init__(self, d_model: int, dim_feedforward: int, dropout: float, activation: Optional[nn.Module] = None):
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float, activation: nn.Module | None = None):
         super().__init__()
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.activation = activation if activation is not None else nn.PReLU()
@@ -233,7 +235,7 @@ class ProjectionFreeAttention(nn.Module):
         self.out_proj = nn.Linear(vdim, vdim)
         nn.init.constant_(self.out_proj.bias, 0.0)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_pad: Optional[Tensor] = None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_pad: Tensor | None = None) -> Tensor:
         b, lq, _ = q.shape
         heads = lambda t: t.reshape(b, t.shape[1], self.nhead, -1).transpose(1, 2)  # noqa: E731
         scores = (heads(q) * self.scale) @ heads(k).transpose(-1, -2)
@@ -495,15 +497,15 @@ class MESMNet(nn.Module):
         """The reconstructor's video (B, Lv', Dv) and per-query group sentences (B, n_max, Dt)."""
         rows = [torch.arange(n) for n in num_clips]
         starts = np.cumsum([0] + num_clips[:-1]).tolist()
-        sent = [sentence[s : s + n] for s, n in zip(starts, num_clips)]
-        sentences, sentences_mask = pad_groups(torch.cat([g for g, n in zip(sent, num_clips) for _ in range(n)]),
+        sent = [sentence[s : s + n] for s, n in zip(starts, num_clips, strict=False)]
+        sentences, sentences_mask = pad_groups(torch.cat([g for g, n in zip(sent, num_clips, strict=False) for _ in range(n)]),
                                                [n for n in num_clips for _ in range(n)])
         if self.ss_video == "query":  # Charades, CG, CD, TACoS: the query's own (raw) video
             return video_feat, video_mask, sentences, sentences_mask
         # QVHighlights: all clips of one YouTube video, concatenated, for every query of the group
-        videos = [torch.cat([video_feat[s + i][video_mask[s + i]] for i in r]) for s, r in zip(starts, rows)]
-        lengths = [len(v) for v, n in zip(videos, num_clips) for _ in range(n)]
-        video, mask = pad_groups(torch.cat([v for v, n in zip(videos, num_clips) for _ in range(n)]), lengths)
+        videos = [torch.cat([video_feat[s + i][video_mask[s + i]] for i in r]) for s, r in zip(starts, rows, strict=False)]
+        lengths = [len(v) for v, n in zip(videos, num_clips, strict=False) for _ in range(n)]
+        video, mask = pad_groups(torch.cat([v for v, n in zip(videos, num_clips, strict=False) for _ in range(n)]), lengths)
         return video, mask, sentences, sentences_mask
 
     def forward(self, batch: dict, negatives: bool = True) -> dict:
@@ -516,7 +518,6 @@ class MESMNet(nn.Module):
         video_feat, video_mask = batch["video_feat"], batch["video_mask"]
         words_feat, sentence = self.encode_text(batch["words_id"], batch["words_mask"])
         words_mask = batch["words_mask"]
-        b = video_feat.shape[0]
 
         projed_video = self.input_vid_proj(video_feat)
         projed_words = self.input_txt_proj(words_feat)
@@ -540,7 +541,7 @@ class MESMNet(nn.Module):
         out = {
             "pred_logits": logits[-1],
             "pred_spans": spans[-1],
-            "aux_outputs": [{"pred_logits": c, "pred_spans": s} for c, s in zip(logits[:-1], spans[:-1])],
+            "aux_outputs": [{"pred_logits": c, "pred_spans": s} for c, s in zip(logits[:-1], spans[:-1], strict=False)],
             "saliency_scores": saliency,
             "projed_video_feat": projed_video,
             "expanded_words_feat": expanded,
@@ -582,7 +583,7 @@ class MESMNet(nn.Module):
         return self.output_txt_proj(out)
 
 
-def mask_words(words_mask: Tensor, weight: Optional[Tensor], generator: Optional[torch.Generator] = None) -> Tensor:
+def mask_words(words_mask: Tensor, weight: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
     """Pick max(l // 3, 1) of the l valid words of each sentence (l > 1), without replacement, with
     probability proportional to `weight` (POS weights: 2 for nouns/verbs/adjectives/adverbs, else 1)."""
     masked = torch.zeros_like(words_mask)
@@ -598,7 +599,7 @@ def mask_words(words_mask: Tensor, weight: Optional[Tensor], generator: Optional
     return masked
 
 
-def sample_outclass_negatives(num_clips: list[int], device=None, generator: Optional[torch.Generator] = None) -> Tensor:
+def sample_outclass_negatives(num_clips: list[int], device=None, generator: torch.Generator | None = None) -> Tensor:
     """For every query, the index of a random query of a *different* video group in the batch."""
     total, picks, start = sum(num_clips), [], 0
     for n in num_clips:
@@ -659,12 +660,12 @@ def label_smoothed_nll(logits: Tensor, labels: Tensor, mask: Tensor, eps: float 
 
 def saliency_loss(
     scores: Tensor,
-    neg_scores: Optional[Tensor],
+    neg_scores: Tensor | None,
     video_mask: Tensor,
     labels: Tensor,
     rank_coef: float,
     tau: float = 0.5,
-    triplet: Optional[tuple[Tensor, Tensor, float]] = None,
+    triplet: tuple[Tensor, Tensor, float] | None = None,
 ) -> Tensor:
     """MESM's saliency loss: negative-pair + rank-contrastive (+ triplet).
 
@@ -680,7 +681,8 @@ def saliency_loss(
     labels = labels.float()
     loss = scores.new_zeros(())
     if neg_scores is not None:
-        loss = loss + (-torch.log(1.0 - torch.sigmoid(neg_scores)) * mask).sum(1).mean()
+        # -log(1 - sigmoid(x)) == -logsigmoid(-x), written stably (fp16 under AMP)
+        loss = loss + (-F.logsigmoid(-neg_scores.float()) * mask).sum(1).mean()
         all_scores = torch.cat([scores, neg_scores], dim=1)
         labels = torch.cat([labels, torch.zeros_like(labels)], dim=1)
         mask = mask.repeat(1, 2)
@@ -764,6 +766,11 @@ class MESMCriterion(nn.Module):
         self.iou_gamma, self.recss_tau, self.multi_window = iou_gamma, recss_tau, multi_window
         self.register_buffer("class_weight", torch.tensor([1.0, eos_coef]))
 
+    def weight_of(self, key: str) -> float:
+        """Weight of a loss; auxiliary-layer keys ("loss_span_0") share their base loss's weight."""
+        base, _, layer = key.rpartition("_")
+        return self.weights[base] if layer.isdigit() else self.weights[key]
+
     def match(self, outputs: dict, targets: dict):
         if self.multi_window:
             return match_hungarian(outputs, targets["norm_span"], targets["norm_moment"], self.costs)
@@ -774,7 +781,7 @@ class MESMCriterion(nn.Module):
         if self.multi_window:
             rows = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
             cols = torch.cat([src for src, _ in indices])
-            tgt = torch.cat([t[j] for t, (_, j) in zip(targets["norm_span"], indices)])
+            tgt = torch.cat([t[j] for t, (_, j) in zip(targets["norm_span"], indices, strict=False)])
             return rows, cols, tgt, span_cxw_to_xx(tgt)
         rows = torch.arange(len(indices), device=indices.device)
         return rows, indices, targets["norm_span"], targets["norm_moment"]
@@ -822,7 +829,7 @@ class MESMCriterion(nn.Module):
         # auxiliary decoder layers: span, gIoU and label losses with the same weights
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self.span_label_losses(aux, targets).items()})
-        total = sum(v * self.weights[k.rsplit("_", 1)[0] if k[-1].isdigit() else k] for k, v in losses.items())
+        total = sum(v * self.weight_of(k) for k, v in losses.items())
         return losses, total
 
 
@@ -854,3 +861,606 @@ def decode_predictions(outputs: dict, duration: Tensor, video_mask: Tensor, clip
             "saliency": saliency[i, : int(lengths[i])].tolist(),
         })
     return results
+
+
+# -- text encoders (frozen) -----------------------------------------------------------------------
+
+CLIP_SOT, CLIP_EOT, CLIP_CONTEXT = 49406, 49407, 77
+
+
+def build_clip_text_tower() -> nn.Module:
+    """CLIP ViT-B/32's text transformer (width 512, 12 layers, 8 heads, context 77, 49408 tokens) via
+    open_clip, with QuickGELU as OpenAI's weights need. Its state dict uses OpenAI's key names."""
+    from open_clip.model import CLIPTextCfg, _build_text_tower
+
+    cfg = CLIPTextCfg(context_length=CLIP_CONTEXT, vocab_size=49408, width=512, heads=8, layers=12)
+    return _build_text_tower(512, cfg, quick_gelu=True)
+
+
+def load_clip_text_checkpoint(tower: nn.Module, path: str, expected_sha256: str | None = None) -> str:
+    """Load MESM's `clip_text_encoder.pth`: OpenAI CLIP's state dict without `visual.*` (a plain dict of
+    tensors; `input_resolution`, `context_length`, `vocab_size` are dropped if present), strictly.
+
+    Returns the file's sha256 (checked against `expected_sha256` when given).
+    """
+    from pipeline.provenance import weights_record
+
+    digest = weights_record(path, expected_sha256)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        state.pop(key, None)
+    foreign = sorted(k for k in state if k.startswith("visual.") or k == "logit_scale")
+    if foreign:
+        raise ValueError(f"{path}: not a CLIP text-encoder state dict (MESM loads it strictly); "
+                         f"unexpected keys {foreign[:3]}... (drop the visual part and logit_scale)")
+    missing, unexpected = tower.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: state dict does not match CLIP ViT-B/32's text tower: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return digest
+
+
+class ClipTextEncoder(nn.Module):
+    """Token features of CLIP's text tower before the projection (ln_final output), first
+    `max_words_l` positions. The attention is causal, so running the tower on those positions only
+    gives exactly the first `max_words_l` outputs of the full 77-token pass, at a fraction of the cost.
+    fp16 on CUDA (as MESM's convert_weights), fp32 on CPU."""
+
+    def __init__(self, max_words_l: int):
+        super().__init__()
+        self.tower = build_clip_text_tower()
+        self.max_words_l = max_words_l
+
+    def forward(self, ids: Tensor) -> Tensor:
+        ids = ids[:, : self.max_words_l]
+        t = self.tower
+        with torch.autocast("cuda", dtype=torch.float16, enabled=ids.is_cuda):
+            x = t.token_embedding(ids) + t.positional_embedding[: ids.shape[1]]
+            x = t.transformer(x, attn_mask=t.attn_mask[: ids.shape[1], : ids.shape[1]])
+            return t.ln_final(x).float()
+
+
+class GloveTableEncoder(nn.Module):
+    """A frozen lookup table of GloVe vectors, row 0 = padding (zeros).
+
+    `trainable_shape=True` keeps it an nn.Embedding whose weights count as (frozen) parameters, as
+    MESM's GloVe-txt encoder; otherwise a buffer, as MESM's glove.pkl path (the dataset hands the
+    vectors over and the model has no text-encoder parameters)."""
+
+    def __init__(self, vectors: Tensor, as_parameter: bool):
+        super().__init__()
+        if as_parameter:
+            self.emb = nn.Embedding.from_pretrained(vectors, freeze=True, padding_idx=None)
+        else:
+            self.register_buffer("table", vectors)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.emb(ids) if hasattr(self, "emb") else F.embedding(ids, self.table)
+
+
+def read_glove_text(path: str, words: set[str], dim: int) -> dict[str, Tensor]:
+    """Vectors of `words` from a GloVe text file (`word v1 ... v_dim` per line; a word may contain spaces)."""
+    found: dict[str, Tensor] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.rstrip("\n").split(" ")
+            word = " ".join(parts[:-dim])
+            if word in words and word not in found:
+                if len(parts) < dim + 1:
+                    raise ValueError(f"{path}:{lineno}: expected a word and {dim} numbers")
+                found[word] = torch.tensor([float(x) for x in parts[-dim:]])
+    return found
+
+
+def read_glove_pkl(path: str) -> dict:
+    """Our (and CPL's) glove.pkl: {"w2id": {word: id, "<PAD>": 0}, "id2vec": [300-d arrays], "counter": Counter}."""
+    import pickle
+
+    with open(path, "rb") as f:
+        vocab = pickle.load(f)  # our own vocab stage's file (the CPL format is a pickle)
+    for key in ("w2id", "id2vec", "counter"):
+        if key not in vocab:
+            raise ValueError(f"{path}: expected a glove.pkl dict with keys w2id, id2vec, counter; '{key}' is missing")
+    return vocab
+
+
+def read_tokenized_count(path: str, column: int, limit: int, cast: Callable = int) -> list:
+    """The first `limit` entries of a *_tokenized_count.txt (sorted by count) in one column:
+    CLIP: `<token_id> <count>`; GloVe: `<word> <vocab_id> <count>`."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if len(out) == limit:
+                break
+            parts = line.split()
+            if len(parts) <= column:
+                raise ValueError(f"{path}:{lineno}: expected at least {column + 1} columns, got {line!r}")
+            out.append(cast(parts[column]))
+    return out
+
+
+# -- tokenization and POS weights -----------------------------------------------------------------
+
+# Closed-class English words: the fallback POS rule gives them weight 1 when nltk's tagger data is
+# absent (nltk.pos_tag needs a download); everything else alphabetic counts as content (weight 2).
+_FUNCTION_WORDS = set(
+    "a an the this that these those some any each every no his her its their our my your one "
+    "i you he she it we they me him us them himself herself itself themselves someone something "
+    "and or but nor so yet if then than because while when where as of in on at to from by with "
+    "into onto over under about after before through between against during without within upon "
+    "up down out off is are was were be been being am do does did has have had will would can "
+    "could shall should may might must not who whom whose which what there here".split()
+)
+
+
+def pos_tagger() -> tuple[Callable[[list[str]], list[int]], str]:
+    """(tokens -> MESM POS weights, name of the tagger used for provenance).
+
+    MESM: tags containing NN, VB, JJ or RB weigh 2, all others 1 (nltk.pos_tag). Without nltk's
+    tagger data we fall back to a closed-class word list (documented in docs/mesm.md)."""
+    import nltk
+
+    try:
+        nltk.pos_tag(["a", "person"])
+
+        def nltk_weights(tokens: list[str]) -> list[int]:
+            return [2 if any(t in tag for t in ("NN", "VB", "JJ", "RB")) else 1 for _, tag in nltk.pos_tag(tokens)]
+
+        return nltk_weights, "nltk.pos_tag"
+    except LookupError:
+
+        def fallback_weights(tokens: list[str]) -> list[int]:
+            return [2 if t.isalpha() and t.lower() not in _FUNCTION_WORDS else 1 for t in tokens]
+
+        return fallback_weights, "closed-class-word fallback (nltk tagger data absent)"
+
+
+class Tokens(NamedTuple):
+    ids: list[int]  # CLIP token ids / GloVe vocabulary ids (0 = padding)
+    weights: list[int]  # POS weights (0 for CLIP's SOT/EOT)
+    labels: list[int]  # masked-word class per token
+    unknown: list[bool]  # token outside the kept vocabulary of `vocab_size` words
+
+
+class MesmTokenizer:
+    """Sentence -> Tokens, in one of MESM's three text setups.
+
+    clip       open_clip's BPE (the same cleaning and merges as MESM's tokenizer), cut to max_words_l - 2
+               pieces, [SOT] + pieces + [EOT]; labels from the first V lines of CLIP_tokenized_count.txt,
+               then <unknown>=V, <start>=V+1, <end>=V+2 (V+3 classes).
+    glove_pkl  nltk word tokens, lower-cased, words missing from glove.pkl's w2id dropped; labels from
+               counter.most_common(V), <unknown>=V (V+1 classes).
+    glove_txt  nltk word tokens, lower-cased; ids of the Vocabulary of GloVe_tokenized_count.txt words
+               (<PAD>=0, <UNK>=1, then sorted words); labels from its first V lines, <unknown>=V.
+    """
+
+    def __init__(self, kind: str, vocab_dir: str, vocab_size: int, max_words_l: int, glove_pkl: dict | None = None):
+        self.kind, self.vocab_size, self.max_words_l = kind, vocab_size, max_words_l
+        self.pos_weights, self.pos_tagger = pos_tagger()
+        if kind == "clip":
+            from open_clip.tokenizer import SimpleTokenizer
+
+            self.bpe = SimpleTokenizer()
+            kept = read_tokenized_count(f"{vocab_dir}/CLIP_tokenized_count.txt", 0, vocab_size)
+            self.num_classes = vocab_size + 3
+        else:
+            from nltk.tokenize import NLTKWordTokenizer
+
+            self.words = NLTKWordTokenizer()
+            self.num_classes = vocab_size + 1
+            if kind == "glove_pkl":
+                self.w2id = glove_pkl["w2id"]
+                kept = [w for w, _ in glove_pkl["counter"].most_common(vocab_size)]
+            else:
+                count_file = f"{vocab_dir}/GloVe_tokenized_count.txt"
+                vocab_words = read_tokenized_count(count_file, 0, 10**9, cast=str)
+                self.w2id = {"<PAD>": 0, "<UNK>": 1} | {w: i + 2 for i, w in enumerate(sorted(set(vocab_words)))}
+                kept = read_tokenized_count(count_file, 1, vocab_size)
+        self.label_of = {k: i for i, k in enumerate(kept)}
+
+    def _label(self, key) -> tuple[int, bool]:
+        return (self.label_of[key], False) if key in self.label_of else (self.vocab_size, True)
+
+    def __call__(self, sentence: str) -> Tokens:
+        if self.kind == "clip":
+            ids = self.bpe.encode(sentence)[: self.max_words_l - 2]
+            pieces = [self.bpe.decoder[i].replace("</w>", "") for i in ids]
+            weights = [0] + self.pos_weights(pieces) + [0] if pieces else [0, 0]
+            labelled = [self._label(i) for i in ids]
+            labels = [self.vocab_size + 1] + [lab for lab, _ in labelled] + [self.vocab_size + 2]
+            unknown = [False] + [unk for _, unk in labelled] + [False]
+            return Tokens([CLIP_SOT] + ids + [CLIP_EOT], weights, labels, unknown)
+        words = [w.lower() for w in self.words.tokenize(sentence)]
+        weights = self.pos_weights(words) if words else []
+        if self.kind == "glove_pkl":  # words without a vector are dropped (MESM's NLTKTokenizerWithFeature)
+            keep = [i for i, w in enumerate(words) if w in self.w2id]
+            words, weights = [words[i] for i in keep], [weights[i] for i in keep]
+            ids = [self.w2id[w] for w in words]
+            key = words
+        else:
+            ids = [self.w2id.get(w, 1) for w in words]
+            key = ids
+        ids, weights, key = ids[: self.max_words_l], weights[: self.max_words_l], key[: self.max_words_l]
+        labelled = [self._label(k) for k in key]
+        return Tokens(ids, weights, [lab for lab, _ in labelled], [unk for _, unk in labelled])
+
+
+# -- data: one item per video (all its queries), MESM's collate ----------------------------------
+
+
+def load_mesm_video(files: list, vid: str, max_video_l: int, use_tef: bool, normalize: bool, truncate_first: bool) -> Tensor:
+    """MESM's video loading: per-frame L2 norm, several files truncated to the shortest and
+    concatenated, (QVH: cut to max_video_l) else average-pooled to max_video_l when longer (bin edges
+    round(i*T/max_l) clamped to T-1, as MESM's sample_video_feat), then TEF [i/L, (i+1)/L]."""
+    from pipeline.features import add_tef, average_to_clips, l2_normalize
+
+    arrays = [f[vid] for f in files]
+    if truncate_first:
+        arrays = [a[:max_video_l] for a in arrays]
+    if normalize:
+        arrays = [l2_normalize(a) for a in arrays]
+    length = min(len(a) for a in arrays)
+    x = np.concatenate([a[:length] for a in arrays], axis=1)
+    if len(x) > max_video_l:
+        x = average_to_clips(x, max_video_l)
+    if use_tef:
+        x = add_tef(x)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def qvh_saliency_targets(clip_ids, scores, length: int, rng: np.random.Generator) -> tuple[Tensor, list[int], list[int]]:
+    """QVHighlights: summed 3-annotator scores per clip (0..12) and the triplet's clip indices:
+    [hardest positive, a random relevant clip] and [weakest relevant clip, a random irrelevant clip]."""
+    agg = np.asarray(scores).sum(1)
+    label = np.zeros(max(length, max(clip_ids) + 1))
+    label[list(clip_ids)] = agg
+    label = label[:length]
+    order = np.argsort(agg, kind="stable")
+    hard_pos, hard_neg = [min(clip_ids[order[-1]], length - 1)], [min(clip_ids[order[0]], length - 1)]
+    pool = sorted(set(range(length)) - set(clip_ids))
+    if pool:
+        easy_pos, easy_neg = [int(rng.choice(clip_ids))], [int(rng.choice(pool))]
+    else:  # no irrelevant clip: repeat the hard ones (as Moment-DETR)
+        easy_pos, easy_neg = hard_pos, hard_neg
+    return torch.from_numpy(label).float(), hard_pos + easy_pos, hard_neg + easy_neg
+
+
+class MesmVideoDataset(torch.utils.data.Dataset):
+    """Items = one video group: the video's features and all its queries (sorted by start), as MESM's
+    `_gather_data_by_video_id`; with `max_gather_size > 0` (TACoS) a video's queries are shuffled
+    once and split into chunks of at most that many."""
+
+    def __init__(self, queries, files, tokenizer: MesmTokenizer, cfg, train: bool, seed: int):
+        self.files, self.tokenizer, self.cfg, self.train = files, tokenizer, cfg, train
+        self.qvh = cfg.layout == "qvhighlights"
+        self.rng = np.random.default_rng(seed)
+        groups: dict[str, list] = {}
+        for q in queries:
+            if train and not q.moments:
+                continue
+            key = q.video_id.rsplit("_", 2)[0] if self.qvh else q.video_id
+            groups.setdefault(key, []).append(q)
+        self.tokens = {q.qid: tokenizer(q.sentence) for qs in groups.values() for q in qs}
+        order_key = (lambda q: float(q.video_id.rsplit("_", 2)[1])) if self.qvh else (
+            lambda q: q.moment[0] if q.moments else 0.0)
+        self.items: list[list] = []
+        for qs in groups.values():
+            if cfg.max_gather_size > 0 and train:
+                qs = [qs[i] for i in self.rng.permutation(len(qs))]
+                chunks = [qs[i : i + cfg.max_gather_size] for i in range(0, len(qs), cfg.max_gather_size)]
+            else:
+                chunks = [qs]
+            self.items += [sorted(c, key=order_key) for c in chunks]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _frames(self, q, length: int) -> tuple[int, int]:
+        """MESM's GT frame indices: int(t / clip_len), or int(t / duration * L) with clip_len = -1."""
+        st, ed = q.moment
+        if self.cfg.clip_len == -1:
+            s, e = int(st / q.duration * length), int(ed / q.duration * length)
+        else:
+            s, e = int(st / self.cfg.clip_len), int(ed / self.cfg.clip_len)
+        e = min(e, length - 1)
+        return min(s, e), e
+
+    def __getitem__(self, index: int) -> list[dict]:
+        cfg, out, videos = self.cfg, [], {}
+        for q in self.items[index]:
+            if q.video_id not in videos:
+                videos[q.video_id] = load_mesm_video(self.files, q.video_id, cfg.max_video_l, cfg.use_tef,
+                                                     cfg.normalize_video, truncate_first=self.qvh)
+            video = videos[q.video_id]
+            length = len(video)
+            rec = {"qid": q.qid, "vid": q.video_id, "duration": float(q.duration), "video": video,
+                   "tokens": self.tokens[q.qid]}
+            if q.moments:
+                if self.qvh:
+                    windows = list(q.moments)
+                    if len(windows) > cfg.max_windows:
+                        windows = [windows[i] for i in self.rng.permutation(len(windows))[: cfg.max_windows]]
+                    rec["norm_moment"] = torch.tensor(windows, dtype=torch.float32) / (length * cfg.clip_len)
+                    label, pos, neg = qvh_saliency_targets(list(q.relevant_clip_ids), q.saliency_scores, length, self.rng)
+                    rec.update(saliency_label=label, clip_mask=label != 0, pos_idx=pos, neg_idx=neg)
+                else:
+                    rec["norm_moment"] = torch.tensor(q.moment, dtype=torch.float32) / float(q.duration)
+                    s, e = self._frames(q, length)
+                    mask = torch.zeros(length, dtype=torch.bool)
+                    mask[s : e + 1] = True
+                    inside, outside = np.arange(s, e + 1), np.r_[np.arange(0, s), np.arange(e + 1, length)]
+                    n = cfg.contra_samples
+                    if len(outside) == 0:  # the moment covers the whole video (MESM would fail here)
+                        outside = inside
+                    rec.update(clip_mask=mask,
+                               pos_idx=self.rng.choice(inside, n, replace=len(inside) < n).tolist(),
+                               neg_idx=self.rng.choice(outside, n, replace=len(outside) < n).tolist())
+            out.append(rec)
+        return out
+
+
+def pad_stack(seqs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Zero-pad (L_i, ...) tensors to (N, max L, ...) and return the valid mask."""
+    return pad_groups(torch.cat(seqs), [len(s) for s in seqs])
+
+
+def collate_groups(items: list[list[dict]]) -> dict:
+    """MESM's collate: the model batch is every query of every video group, the video repeated per query."""
+    recs = [r for group in items for r in group]
+    video, video_mask = pad_stack([r["video"] for r in recs])
+    width = max(len(r["tokens"].ids) for r in recs)
+    pad = lambda key, dtype: torch.tensor(  # noqa: E731
+        [list(getattr(r["tokens"], key)) + [0] * (width - len(r["tokens"].ids)) for r in recs], dtype=dtype)
+    batch = {
+        "num_clips": torch.tensor([len(g) for g in items]),
+        "video_feat": video, "video_mask": video_mask,
+        "words_id": pad("ids", torch.long), "words_weight": pad("weights", torch.long),
+        "words_label": pad("labels", torch.long), "unknown_mask": pad("unknown", torch.bool),
+        "duration": torch.tensor([r["duration"] for r in recs]),
+        "qid": [r["qid"] for r in recs], "vid": [r["vid"] for r in recs],
+    }
+    batch["words_mask"] = batch["words_id"] != 0
+    if "norm_moment" in recs[0]:
+        moments = [r["norm_moment"] for r in recs]
+        if moments[0].dim() == 2:  # several windows per query (QVH)
+            batch["norm_moment"] = moments
+            batch["norm_span"] = [span_xx_to_cxw(m) for m in moments]
+            batch["saliency_label"] = pad_stack([r["saliency_label"] for r in recs])[0]
+        else:
+            batch["norm_moment"] = torch.stack(moments)
+            batch["norm_span"] = span_xx_to_cxw(batch["norm_moment"])
+        batch["clip_mask"] = pad_stack([r["clip_mask"] for r in recs])[0]
+        batch["pos_idx"] = torch.tensor([r["pos_idx"] for r in recs])
+        batch["neg_idx"] = torch.tensor([r["neg_idx"] for r in recs])
+    return batch
+
+
+# -- the registered model (trainer contract, pipeline/trainer.py) ---------------------------------
+
+
+@MODELS.register("mesm")
+class MESM(GroundingModel):
+    """MESM under the shared trainer. Defaults: the published Charades-STA C+SF / CLIP config;
+    the other published settings are `profiles/mesm_*.yaml`."""
+
+    class Config(TrainConfig):
+        # training (MESM's runner: AdamW, StepLR per epoch, grad-norm clip 0.1; batch = video groups)
+        seed: int | None = 2019
+        epochs: int = 200
+        batch_size: int = 12
+        eval_batch_size: int = 30
+        grad_clip: float | None = 0.1
+        select_metric: str = "mAP"  # MESM's stop_score (mAP for Charades, mIoU for CG / TACoS)
+        lr: float = Field(2e-4, gt=0)
+        weight_decay: float = Field(1e-4, ge=0)
+        lr_drop: int = Field(400, ge=1)
+        lr_gamma: float = 0.5
+        # data
+        features: list[str] = Field(default_factory=lambda: ["clip", "slowfast"])
+        layout: Literal["single", "qvhighlights"] = "single"  # one GT moment per query / QVH windows + scores
+        clip_len: float = 1.0  # seconds per feature; -1: indices from normalised times (TACoS)
+        max_video_l: int = Field(194, ge=1)
+        max_words_l: int = Field(16, ge=3)
+        use_tef: bool = True
+        normalize_video: bool = True
+        normalize_txt: bool = True
+        contra_samples: int = Field(2, ge=1)
+        max_gather_size: int = -1  # TACoS: 10 queries per item
+        max_windows: int = Field(5, ge=1)
+        max_ts_val: float = 150
+        # text
+        text_encoder: Literal["clip", "glove_pkl", "glove_txt"] = "clip"
+        text_weights: str | None = None  # clip: clip_text_encoder.pth; None = random init (recorded)
+        text_weights_sha256: str | None = None
+        glove_file: str | None = None  # glove_txt: a GloVe text file (glove.6B.300d.txt)
+        glove_dim: int = Field(300, ge=1)
+        vocab_size: int = Field(1111, ge=1)
+        # network
+        hidden_dim: int = Field(256, ge=8)
+        nheads: int = Field(8, ge=1)
+        dim_feedforward: int = Field(1024, ge=1)
+        dropout: float = Field(0.1, ge=0, lt=1)
+        input_dropout: float = Field(0.5, ge=0, lt=1)
+        n_input_proj: int = Field(2, ge=1, le=3)
+        enc_layers: int = Field(2, ge=1)
+        dec_layers: int = Field(2, ge=1)
+        t2v_layers: int = Field(2, ge=1)
+        num_recfw_layers: int = Field(2, ge=1)
+        num_recss_layers: int = Field(4, ge=1)
+        num_queries: int = Field(10, ge=1)
+        share_mlp: bool = True
+        use_txt_pos: bool = False
+        rec_fw: bool = True
+        rec_ss: bool = True
+        # losses and matching
+        set_cost_span: float = 10
+        set_cost_giou: float = 1
+        set_cost_class: float = 4
+        loss_span_coef: float = 10
+        loss_giou_coef: float = 1
+        loss_label_coef: float = 4
+        loss_saliency_coef: float = 4
+        loss_recfw_coef: float = 0.1
+        loss_recss_coef: float = 0.1
+        eos_coef: float = 0.1
+        rank_coef: float = 12
+        use_triplet: bool = False
+        saliency_margin: float = 0.2
+        iou_gamma: float = 0.9
+        recss_tau: float = 0.5
+        # evaluation
+        r1_thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
+        length_ranges: dict[str, tuple[float, float]] = Field(
+            default_factory=lambda: {"short": (0, 10), "middle": (10, 30), "long": (30, 150), "full": (0, 150)})
+
+    def __init__(self, cfg: Config, data: DataContext):
+        super().__init__(cfg, data)
+        from pipeline.features import FeatureFile
+
+        self.files = [FeatureFile(data.feature_file(name)) for name in cfg.features]
+        self.provenance: dict[str, str] = {}
+        text_encoder, txt_dim, glove_pkl = self._text_encoder(cfg, data)
+        self.tokenizer = MesmTokenizer(cfg.text_encoder, str(data.vocab_dir), cfg.vocab_size, cfg.max_words_l, glove_pkl)
+        self.provenance["pos_tagger"] = self.tokenizer.pos_tagger
+        vid_dim = sum(f.dim() for f in self.files) + (2 if cfg.use_tef else 0)
+        self.net = MESMNet(
+            text_encoder, vid_dim, txt_dim, self.tokenizer.num_classes,
+            hidden_dim=cfg.hidden_dim, nheads=cfg.nheads, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
+            input_dropout=cfg.input_dropout, n_input_proj=cfg.n_input_proj, enc_layers=cfg.enc_layers,
+            dec_layers=cfg.dec_layers, t2v_layers=cfg.t2v_layers, num_recfw_layers=cfg.num_recfw_layers,
+            num_recss_layers=cfg.num_recss_layers, num_queries=cfg.num_queries, max_words_l=cfg.max_words_l,
+            share_mlp=cfg.share_mlp, use_txt_pos=cfg.use_txt_pos, normalize_txt=cfg.normalize_txt,
+            rec_fw=cfg.rec_fw, rec_ss=cfg.rec_ss, ss_video="group_concat" if cfg.layout == "qvhighlights" else "query",
+        )
+        self.criterion = MESMCriterion(
+            cost_span=cfg.set_cost_span, cost_giou=cfg.set_cost_giou, cost_class=cfg.set_cost_class,
+            loss_span=cfg.loss_span_coef, loss_giou=cfg.loss_giou_coef, loss_label=cfg.loss_label_coef,
+            loss_saliency=cfg.loss_saliency_coef, loss_rec_fw=cfg.loss_recfw_coef, loss_rec_ss=cfg.loss_recss_coef,
+            eos_coef=cfg.eos_coef, rank_coef=cfg.rank_coef, use_triplet=cfg.use_triplet,
+            saliency_margin=cfg.saliency_margin, iou_gamma=cfg.iou_gamma, recss_tau=cfg.recss_tau,
+            multi_window=cfg.layout == "qvhighlights", rec_fw=cfg.rec_fw, rec_ss=cfg.rec_ss,
+        )
+        self.seed = data.seed
+
+    def _text_encoder(self, cfg: Config, data: DataContext) -> tuple[nn.Module, int, dict | None]:
+        if cfg.text_encoder == "clip":
+            enc = ClipTextEncoder(cfg.max_words_l)
+            if cfg.text_weights:
+                self.provenance["text_encoder"] = load_clip_text_checkpoint(enc.tower, cfg.text_weights, cfg.text_weights_sha256)
+            else:
+                from pipeline.provenance import weights_record
+
+                self.provenance["text_encoder"] = weights_record(None)
+            return enc, 512, None
+        from pipeline.provenance import sha256_file
+
+        if cfg.text_encoder == "glove_pkl":
+            path = f"{data.vocab_dir}/glove.pkl"
+            vocab = read_glove_pkl(path)
+            vectors = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in vocab["id2vec"]]))
+            self.provenance["text_encoder"] = f"glove.pkl sha256 {sha256_file(path)}"
+            return GloveTableEncoder(vectors, as_parameter=False), vectors.shape[1], vocab
+        # glove_txt: a frozen embedding over the Vocabulary of GloVe_tokenized_count.txt
+        if not cfg.glove_file:
+            raise ValueError("model.mesm.glove_file: text_encoder 'glove_txt' needs a GloVe text file")
+        words = read_tokenized_count(f"{data.vocab_dir}/GloVe_tokenized_count.txt", 0, 10**9, cast=str)
+        vocab_words = sorted(set(words))
+        found = read_glove_text(cfg.glove_file, set(vocab_words), cfg.glove_dim)
+        unk = torch.randn(cfg.glove_dim, generator=torch.Generator().manual_seed(data.seed))
+        rows = [torch.zeros(cfg.glove_dim), unk] + [found.get(w, unk) for w in vocab_words]
+        self.provenance["text_encoder"] = f"{cfg.glove_file} sha256 {sha256_file(cfg.glove_file)}"
+        return GloveTableEncoder(torch.stack(rows), as_parameter=True), cfg.glove_dim, None
+
+    # -- contract --------------------------------------------------------------------------------
+
+    @classmethod
+    def input_files(cls, cfg: Config, data: DataContext) -> dict[str, Path]:
+        files = {f"features.{name}": Path(data.feature_file(name)) for name in cfg.features}
+        vocab = Path(data.vocab_dir)
+        if cfg.text_encoder == "clip":
+            files["vocab.CLIP_tokenized_count"] = vocab / "CLIP_tokenized_count.txt"
+            if cfg.text_weights:
+                files["model.mesm.text_weights"] = Path(cfg.text_weights)
+        elif cfg.text_encoder == "glove_pkl":
+            files["vocab.glove_pkl"] = vocab / "glove.pkl"
+        else:
+            files["vocab.GloVe_tokenized_count"] = vocab / "GloVe_tokenized_count.txt"
+            if cfg.glove_file:
+                files["model.mesm.glove_file"] = Path(cfg.glove_file)
+        return files
+
+    def build_dataset(self, split: str, data: DataContext, train: bool) -> MesmVideoDataset:
+        return MesmVideoDataset(data.queries(split), self.files, self.tokenizer, self.cfg, train, data.seed)
+
+    def collate(self, items: list) -> dict:
+        return collate_groups(items)
+
+    def configure_optimizers(self) -> Optimization:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.StepLR(opt, self.cfg.lr_drop, gamma=self.cfg.lr_gamma)
+        return Optimization(optimizers=[opt], schedulers=[sched], interval="epoch")
+
+    def training_step(self, batch: dict, ctx: StepContext) -> dict[str, Tensor]:
+        outputs = self.net(batch)
+        losses, total = self.criterion(outputs, batch)
+        return {"loss": total, **{k: v.detach() for k, v in losses.items()}}
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict) -> list[dict]:
+        outputs = self.net(batch, negatives=False)
+        decoded = decode_predictions(outputs, batch["duration"], batch["video_mask"], self.cfg.clip_len, self.cfg.max_ts_val)
+        return [
+            {"qid": qid, "vid": vid,
+             "pred_relevant_windows": [w + [s] for w, s in zip(d["windows"], d["scores"], strict=False)],
+             "pred_saliency_scores": d["saliency"]}
+            for qid, vid, d in zip(batch["qid"], batch["vid"], decoded, strict=False)
+        ]
+
+    def metrics(self, predictions: list[dict], queries: list) -> dict[str, float]:
+        return mesm_metrics(predictions, queries, self.cfg.r1_thresholds, self.cfg.length_ranges,
+                            clip_len=self.cfg.clip_len)
+
+    def weights_provenance(self) -> dict[str, str]:
+        return dict(self.provenance)
+
+
+def mesm_metrics(predictions: list[dict], queries: list, r1_thresholds, length_ranges, clip_len: float) -> dict[str, float]:
+    """Moment-DETR standalone_eval semantics (pipeline.evaluation): R1@θ and mIoU of the top-1 window
+    (best-matching GT window), mAP over IoU 0.5:0.05:0.95 with up to 10 windows, per length bucket;
+    HL-mAP / HIT@1 when saliency scores and QVH annotations are present."""
+    from pipeline.evaluation import evaluate_moment_detr, temporal_iou
+
+    labelled = [q for q in queries if q.moments]
+    gts = []
+    for q in labelled:
+        g = {"qid": q.qid, "duration": q.duration, "relevant_windows": [list(m) for m in q.moments]}
+        if q.saliency_scores is not None:
+            g.update(relevant_clip_ids=list(q.relevant_clip_ids), saliency_scores=[list(s) for s in q.saliency_scores])
+        gts.append(g)
+    by_qid = {p["qid"]: p for p in predictions}
+    preds = [by_qid[g["qid"]] for g in gts]
+    if gts and "saliency_scores" not in gts[0]:
+        preds = [{k: v for k, v in p.items() if k != "pred_saliency_scores"} for p in preds]
+    thresholds = sorted(set(np.round(np.arange(0.5, 0.96, 0.05), 2).tolist()) | set(r1_thresholds))
+    result = evaluate_moment_detr(preds, gts, thresholds=thresholds, length_ranges=length_ranges,
+                                  clip_length=clip_len if clip_len > 0 else 2.0)
+    out: dict[str, float] = {}
+    full = result.get("full", {})
+    for t in r1_thresholds:  # MESM's R1@θ, named as the shared evaluator names R@1
+        out[f"R@1,IoU@{t}"] = float(full["MR-R1"][str(t)])
+    # mIoU of the top-1 window against the GT window it overlaps best (MESM's "miou")
+    ious = [max(float(temporal_iou(np.array(p["pred_relevant_windows"][0][:2]), np.array(w))) for w in g["relevant_windows"])
+            for p, g in zip(preds, gts, strict=False)]
+    out["mIoU"] = round(100.0 * float(np.mean(ious)), 2)
+    out["mAP"] = float(full["MR-mAP"]["average"])
+    out["mAP@0.5"], out["mAP@0.75"] = float(full["MR-mAP"]["0.5"]), float(full["MR-mAP"]["0.75"])
+    for name in length_ranges:
+        if name != "full" and name in result:
+            out[f"mAP-{name}"] = float(result[name]["MR-mAP"]["average"])
+    for key, value in result["brief"].items():
+        if key.startswith("HL-"):
+            out[key] = float(value)
+    return out
