@@ -19,6 +19,7 @@ plain 'ViT-B-32' silently builds nn.GELU. Weights formats accepted from a local 
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from typing import Literal
 
@@ -117,7 +118,9 @@ def read_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
     if _is_torchscript(path):
         try:
-            scripted = torch.jit.load(path, map_location="cpu")
+            with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI's file is TorchScript
+                warnings.simplefilter("ignore", FutureWarning)
+                scripted = torch.jit.load(path, map_location="cpu")
         except Exception as e:
             raise WeightsError(f"{path}: not a readable TorchScript archive ({e})") from None
         state = dict(scripted.state_dict())
