@@ -51,15 +51,15 @@ def sparse_proposal_mask(num_clips: int, pooling_counts: Sequence[int]) -> tuple
     with stride 2^g: the offset grows by the stride each time and the start index takes every
     stride-th value. So [15] on N=16 is dense (136 cells) and [15, 8, 8] on N=64 gives 1104.
     """
-    mask = torch.zeros(num_clips, num_clips, dtype=torch.bool)
-    idx = torch.arange(num_clips)
+    mask = torch.zeros(num_clips, num_clips, dtype=torch.bool, device="cpu")  # built on CPU, moved as a buffer
+    idx = torch.arange(num_clips, device="cpu")
     mask[idx, idx] = True
     stride, offset, diagonals = 1, 0, []
     for count in pooling_counts:
         for _ in range(count):
             offset += stride
-            rows = torch.arange(0, num_clips - offset, stride)
-            cols = torch.arange(offset, num_clips, stride)
+            rows = torch.arange(0, num_clips - offset, stride, device="cpu")
+            cols = torch.arange(offset, num_clips, stride, device="cpu")
             mask[rows, cols] = True
             diagonals.append((rows, cols))
         stride *= 2

@@ -178,8 +178,10 @@ def train(
     if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         # Re-launch this very command under torchrun; each rank lands in the branch below.
         argv = [a for a in sys.argv[1:] if not a.startswith("--nproc-per-node")]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
-               "-m", "pipeline.cli", *argv]
+        # --standalone: a private rendezvous on a free port (no clash with other jobs on the node).
+        # Multi-node: run `torchrun --nnodes ... -m pipeline.cli train ...` yourself.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc_per_node}", "-m", "pipeline.cli", *argv]
         os.execv(sys.executable, cmd)
     _run(params, set_, profile, "train", model=model)
 

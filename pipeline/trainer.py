@@ -98,6 +98,7 @@ Run directory (`trainer.out_dir/<model>/`):
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import random
@@ -327,6 +328,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_to_main(obj: Any, env: Dist) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on rank 0, [] elsewhere. Objects travel as torch.save
+    bytes (gathering tensors inside objects directly fails to unpickle in this torch version)."""
+    if env.world_size == 1:
+        return [obj]
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    gathered: list[Any] = [None] * env.world_size if env.is_main else None  # type: ignore[assignment]
+    dist.gather_object(buf.getvalue(), gathered, dst=0)
+    if not env.is_main:
+        return []
+    return [torch.load(io.BytesIO(b), map_location="cpu", weights_only=True) for b in gathered]
 
 
 def move_to(obj: Any, device: torch.device) -> Any:
@@ -604,6 +619,9 @@ def fit(
             set_rng_state(rngs[env.rank % len(rngs)])
             log(f"resuming {name} from {found[-1][1]} (epoch {state['epoch']} done)")
     if env.world_size > 1:
+        # every rank starts from rank 0's weights, as DistributedDataParallel does
+        for tensor in [*model.parameters(), *(b for b in model.buffers() if b.dtype != torch.bool)]:
+            dist.broadcast(tensor.data, src=0)
         dist.barrier()  # nobody reads checkpoints rank 0 may be about to delete
     # datasets after the checkpoint: they may depend on state it restores (e.g. a trained tokenizer)
     train_set = _CountedDataset(model.build_dataset("train", data, train=True))
@@ -665,10 +683,7 @@ def fit(
                 best = {"epoch": epoch, "metrics": metrics, "value": metrics.get(metric, float(epoch))}
                 save_torch({"model": model.state_dict(), "config": record, "epoch": epoch, "metrics": metrics},
                            best_path)
-        rngs = [rng_state()]
-        if env.world_size > 1:
-            rngs = [None] * env.world_size
-            dist.all_gather_object(rngs, rng_state())
+        rngs = gather_to_main(rng_state(), env)
         if env.is_main:
             save_torch({
                 "model": model.state_dict(),
@@ -726,11 +741,7 @@ def _run_sharded(fn: Callable[[Any], Any], dataset: Dataset, batch_size: int, co
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                         collate_fn=collate, num_workers=num_workers)
     outputs = [_to_cpu(fn(move_to(batch, env.device))) for batch in track(loader, description)]
-    if env.world_size == 1:
-        return outputs
-    gathered: list[Any] = [None] * env.world_size if env.is_main else None  # type: ignore[assignment]
-    dist.gather_object(outputs, gathered, dst=0)
-    return [o for rank_outputs in gathered for o in rank_outputs] if env.is_main else []
+    return [o for rank_outputs in gather_to_main(outputs, env) for o in rank_outputs]
 
 
 def _cat(parts: list[Any]) -> Any:

@@ -9,7 +9,9 @@ as fractions of the duration; MSE loss.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -112,6 +114,8 @@ class ToyModel(GroundingModel):
         return Optimization([opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)])
 
     def training_step(self, batch, ctx):
+        if os.environ.get("TOY_SLEEP"):  # lets a test kill the process in the middle of an epoch
+            time.sleep(float(os.environ["TOY_SLEEP"]))
         loss = ((self.net(batch["x"]) - batch["target"]) ** 2).mean()
         return {"loss": loss, "mse": loss.detach()}
 
@@ -138,7 +142,7 @@ def _main() -> None:
     root, run_dir, cfg_json = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
     cfg = ToyModel.Config.model_validate(json.loads(cfg_json))
-    fit("toy", ToyModel, cfg, toy_context(root, run_dir), device="cpu", select_split="test")
+    fit("toy", ToyModel, cfg, toy_context(root, run_dir), device="cpu", select_split="test", keep_checkpoints=100)
 
 
 if __name__ == "__main__":
