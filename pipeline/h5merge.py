@@ -113,7 +113,8 @@ def merge_to_hdf5(
                 arr = load_feature(path)
                 check_feature(vid, path, arr, dim)
                 dim = arr.shape[1]
-                data = arr.astype(dtype, copy=False)
+                with np.errstate(over="ignore"):  # reported below, naming the video
+                    data = arr.astype(dtype, copy=False)
                 if data.dtype != arr.dtype and not np.isfinite(data).all():
                     raise MergeError(f"{path}: video '{vid}' overflows {dtype}")
                 target = h5 if layout == "flat" else h5.create_group(vid, track_order=False)
