@@ -232,12 +232,13 @@ def mutual_matching_loss(
     bounds = np.cumsum([0] + [len(s) for s in sent_feats])
     device = map2d.device
 
-    keep = torch.ones(total, total, device=device)  # M_kj
+    dtype = map2d.dtype
+    keep = torch.ones(total, total, device=device, dtype=dtype)  # M_kj
     for i, gt in enumerate(moments):
         lo, hi = bounds[i], bounds[i + 1]
-        keep[lo:hi, lo:hi] = (pairwise_moment_iou(gt, gt) < sent_removal_iou).float()
-    keep = (keep + torch.eye(total, device=device)).clamp(0, 1)  # the sentence itself always counts
-    margins = torch.eye(total, device=device) * margin
+        keep[lo:hi, lo:hi] = (pairwise_moment_iou(gt, gt) < sent_removal_iou).to(dtype)
+    keep = (keep + torch.eye(total, device=device, dtype=dtype)).clamp(0, 1)  # the sentence itself always counts
+    margins = torch.eye(total, device=device, dtype=dtype) * margin
 
     vid_pos, vid_neg, sent_pos, sent_neg = [], [], [], []
     for i, (sent, iou2d) in enumerate(zip(sent_feats, ious2d, strict=True)):
@@ -249,7 +250,7 @@ def mutual_matching_loss(
         pos = torch.bmm(selected, sent.unsqueeze(2)).squeeze(2) - margin  # S_i x top_k
         vid_pos.append(pos)
         vid_neg.append((selected.reshape(-1, c) @ all_sent.t()).reshape(-1, top_k, total))
-        same = (sent @ feat) * (iou1d < neg_iou).float()  # S_i x K
+        same = (sent @ feat) * (iou1d < neg_iou).to(dtype)  # S_i x K
         others = feats[torch.arange(b, device=device) != i].transpose(0, 1).reshape(c, -1)
         other = sent @ others  # S_i x (B-1)K
         sent_pos.append(pos)
