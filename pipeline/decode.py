@@ -19,6 +19,7 @@ decoded with PyAV (same libavcodec family) and rotated with numpy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing as mp
 import os
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.atomic import remove_stale_temporaries, write_json, write_npy
+from pipeline.atomic import atomic_path, remove_stale_temporaries, write_json
 from pipeline.framestore import FAILURES, MANIFEST, RECORDS_DIR, FrameStore
 from pipeline.sampling import select
 
@@ -179,21 +180,21 @@ class PyAVReader:
     def timestamps(self) -> np.ndarray:
         return self._ts
 
-    def frames(self, indices: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    def frames(self, indices: np.ndarray) -> Iterator[tuple[int, Any]]:
+        """Yields (index, av.VideoFrame): converted to RGB later, at the target size, in one swscale
+        pass from the decoder's YUV (what HERO's ffmpeg `scale` filter does)."""
         import av
 
         wanted = {int(self._pts[i]): int(i) for i in indices}
-        k = self.rotation // 90  # PyAV's rotation is counter-clockwise degrees; rot90 turns CCW
         try:
             with av.open(str(self.path)) as c:
                 stream = c.streams.video[0]
-                stream.thread_type = "AUTO"
+                stream.codec_context.thread_count = 1  # parallelism is across videos (workers)
                 for frame in c.decode(stream):
                     i = wanted.pop(frame.pts, None) if frame.pts is not None else None
                     if i is None:
                         continue
-                    img = frame.to_ndarray(format="rgb24")
-                    yield i, np.ascontiguousarray(np.rot90(img, k)) if k else img
+                    yield i, frame
                     if not wanted:
                         break
         except av.error.FFmpegError as e:
@@ -202,27 +203,56 @@ class PyAVReader:
             raise DecodeError(f"{len(wanted)} selected frames could not be decoded (truncated file?)")
 
 
-def resize_crop(img: np.ndarray, short_side: int, crop: int, interpolation: str) -> np.ndarray:
-    """Short side -> `short_side` (HERO's integer rule), then a centre `crop` square; uint8 RGB out."""
+def scaled_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """HERO's rule: the short side becomes `short_side`, the long side int(long * short_side / short)."""
+    if not short_side:
+        return height, width
+    if height >= width:
+        return int(height * short_side / width), short_side
+    return short_side, int(width * short_side / height)
+
+
+def output_shape(height: int, width: int, proto) -> tuple[int, int, int]:
+    """(H, W, 3) of the stored frames for a video whose upright frames are height x width."""
+    h, w = scaled_size(height, width, proto.short_side)
+    if proto.crop:
+        if h < proto.crop or w < proto.crop:
+            raise DecodeError(f"frame {w}x{h} is smaller than the {proto.crop}x{proto.crop} crop")
+        return proto.crop, proto.crop, 3
+    return h, w, 3
+
+
+def resize_crop(src: Any, proto, rotation: int = 0) -> np.ndarray:
+    """One frame in a protocol's size: uint8 RGB (H, W, 3), upright.
+
+    `src` is an upright RGB array (decord) or an `av.VideoFrame` in storage orientation with a display
+    rotation (counter-clockwise degrees). Resizing is swscale (PyAV `reformat`) with the protocol's
+    interpolation; the crop is centred at int((size - crop) / 2) as HERO does.
+    """
     import av
 
-    h, w = img.shape[:2]
-    if short_side:
-        if h >= w:
-            new_h, new_w = int(h * short_side / w), short_side
-        else:
-            new_h, new_w = short_side, int(w * short_side / h)
-        if (new_h, new_w) != (h, w):
+    k = (rotation // 90) % 4
+    interp = proto.interpolation.upper()
+    if isinstance(src, av.VideoFrame):
+        upright_h, upright_w = (src.width, src.height) if k % 2 else (src.height, src.width)
+        h, w = scaled_size(upright_h, upright_w, proto.short_side)
+        sw, sh = (h, w) if k % 2 else (w, h)  # target in storage orientation
+        if (sw, sh) != (src.width, src.height):
+            src = src.reformat(width=sw, height=sh, format="rgb24", interpolation=interp)
+        img = src.to_ndarray(format="rgb24")
+        if k:
+            img = np.rot90(img, k)
+    else:
+        img = src
+        h, w = scaled_size(img.shape[0], img.shape[1], proto.short_side)
+        if (h, w) != img.shape[:2]:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-            img = frame.reformat(
-                width=new_w, height=new_h, interpolation=interpolation.upper()
-            ).to_ndarray(format="rgb24")
-            h, w = new_h, new_w
-    if crop:
-        if h < crop or w < crop:
-            raise DecodeError(f"frame {w}x{h} is smaller than the {crop}x{crop} crop")
-        y, x = int((h - crop) / 2), int((w - crop) / 2)
-        img = img[y : y + crop, x : x + crop]
+            img = frame.reformat(width=w, height=h, interpolation=interp).to_ndarray(format="rgb24")
+    if proto.crop:
+        if h < proto.crop or w < proto.crop:
+            raise DecodeError(f"frame {w}x{h} is smaller than the {proto.crop}x{proto.crop} crop")
+        y, x = int((h - proto.crop) / 2), int((w - proto.crop) / 2)
+        img = img[y : y + proto.crop, x : x + proto.crop]
     return np.ascontiguousarray(img)
 
 
@@ -264,26 +294,45 @@ def decode_video(task: DecodeTask) -> dict[str, Any]:
         selections[proto.key] = (proto, idx, windows, rate)
     needed = np.unique(np.concatenate([s[1] for s in selections.values()]))
 
-    # decode the union once; resize per distinct (size, crop, interpolation)
-    decoded: dict[int, np.ndarray] = {}
-    for i, img in reader.frames(needed):
-        decoded[i] = img
-    missing = [int(i) for i in needed if int(i) not in decoded]
-    if missing:
-        raise DecodeError(f"frames {missing[:5]} could not be decoded")
-
+    # Decode the union of the selected frames once, in order; each decoded frame is resized for every
+    # protocol slot that uses it and written straight into that protocol's memory-mapped .npy, so
+    # memory holds one source frame at a time whatever the video length.
+    upright = (info["width"], info["height"]) if info["rotation"] % 180 else (info["height"], info["width"])
+    slots: dict[int, list[tuple[str, int]]] = {}
+    for key, (_, idx, _, _) in selections.items():
+        for j, i in enumerate(idx.tolist()):
+            slots.setdefault(i, []).append((key, j))
     protocols: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        outputs = {}
+        for key, (proto, idx, _, _) in selections.items():
+            tmp = stack.enter_context(atomic_path(store.frames_path(key, task.video_id)))
+            shape = (len(idx), *output_shape(*upright, proto))
+            outputs[key] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        seen = set()
+        for i, src in reader.frames(needed):
+            seen.add(i)
+            done: dict[str, np.ndarray] = {}
+            for key, j in slots[i]:
+                proto = selections[key][0]
+                if key not in done:
+                    done[key] = resize_crop(src, proto, info["rotation"])
+                outputs[key][j] = done[key]
+        missing = [int(i) for i in needed if int(i) not in seen]
+        if missing:
+            raise DecodeError(f"frames {missing[:5]} could not be decoded")
+        for out in outputs.values():
+            out.flush()
+            del out
+        outputs.clear()
+
     for key, (proto, idx, windows, rate) in selections.items():
-        resized: dict[int, np.ndarray] = {}
-        for i in np.unique(idx):
-            resized[int(i)] = resize_crop(decoded[int(i)], proto.short_side, proto.crop, proto.interpolation)
-        frames = np.stack([resized[int(i)] for i in idx]) if len(idx) else np.zeros((0, 1, 1, 3), np.uint8)
-        write_npy(store.frames_path(key, task.video_id), frames)
+        frame_shape = list(output_shape(*upright, proto))
         protocols[key] = {
             "protocol": proto.as_dict(),
             "rate": rate,
             "count": int(len(idx)),
-            "frame_shape": list(frames.shape[1:]),
+            "frame_shape": frame_shape,
             "source_index": idx.tolist(),
             "pts": np.round(starts[idx], _DECIMALS).tolist(),
             "windows": np.round(windows, _DECIMALS).tolist(),

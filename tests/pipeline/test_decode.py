@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _videos import index_of, write_video
 
 from extractors._base import SamplingProtocol
 from pipeline.decode import decode_all, list_videos, run_pool
 from pipeline.framestore import FrameStore
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _videos import index_of, write_video  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CLIP1 = SamplingProtocol(rule="fps_filter", rate=1.0, short_side=224, crop=224)  # Charades clip_len 1

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _videos import write_video
 
 from extractors._base import Extractor, ExtractorConfig, SamplingProtocol
 from pipeline.decode import decode_all, list_videos
 from pipeline.extract import extract_videos, parse_shard, shard_of
 from pipeline.framestore import FrameStore
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _videos import write_video  # noqa: E402
 
 PROTO = SamplingProtocol(rule="fps_filter", rate=4.0, short_side=8, crop=8)
 

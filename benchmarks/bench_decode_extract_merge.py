@@ -1,0 +1,205 @@
+"""Throughput of decode, extract and merge against the plain library doing the same work.
+
+    .venv/bin/python benchmarks/bench_decode_extract_merge.py [--videos data/synth/videos] [--limit 16]
+
+1. decode: source frames/s per core of `pipeline.decode.decode_all` (1 worker process: probe, decord
+   timestamps + selected frames, resize/crop, .npy + record writes) vs a plain single-threaded PyAV
+   loop that decodes every frame of the same files. Target ratio >= 0.9.
+2. extract: CLIP ViT-B/32 (random init) end to end over the frame store (`extract_videos`: load,
+   batch across videos, forward, write) vs the model alone on the same frames already in memory,
+   with the same batch size. Target ratio >= 0.8.
+3. merge: MB/s of `merge_to_hdf5` (with its checks) vs a plain h5py loop writing the same .npy files.
+   Target ratio >= 1.0.
+
+Each side runs `--repeats` times alternately and the best time counts (the machine is shared).
+Prints a table and writes the numbers as JSON (`--out`); docs/features.md quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def pyav_full_decode(paths: list[Path]) -> int:
+    """The decoder's own speed: every frame of every file, one thread, no conversion to RGB."""
+    import av
+
+    frames = 0
+    for p in paths:
+        with av.open(str(p)) as c:
+            stream = c.streams.video[0]
+            stream.codec_context.thread_count = 1
+            for _ in c.decode(stream):
+                frames += 1
+    return frames
+
+
+def bench_decode(videos: dict[str, Path], protocols, work: Path, repeats: int) -> dict:
+    from pipeline.decode import decode_all
+    from pipeline.framestore import FrameStore
+
+    paths = list(videos.values())
+    best_ours = best_av = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        frames = pyav_full_decode(paths)
+        best_av = min(best_av, time.perf_counter() - t0)
+        shutil.rmtree(work / "frames", ignore_errors=True)
+        t0 = time.perf_counter()
+        decode_all(videos, work / "frames", protocols, workers=1, timeout_s=600, recycle_after=10_000)
+        best_ours = min(best_ours, time.perf_counter() - t0)
+    store = FrameStore(work / "frames")
+    decoded = sum(store.read_record(v)["num_frames"] for v in videos)
+    assert decoded == frames, f"decord saw {decoded} frames, PyAV {frames}"
+    seconds = sum(store.read_record(v)["duration"] for v in videos)
+    stored = sum(f.stat().st_size for f in (work / "frames").rglob("*.npy"))
+    return {
+        "videos": len(paths),
+        "source_frames": frames,
+        "video_seconds": round(seconds, 2),
+        "pyav_fps_per_core": round(frames / best_av, 1),
+        "vmr_fps_per_core": round(frames / best_ours, 1),
+        "ratio": round(best_av / best_ours, 3),
+        "store_bytes_per_video_second": round(stored / seconds),
+    }
+
+
+def bench_extract(work: Path, device: str, threads: int, batch_size: int, repeats: int) -> dict:
+    import torch
+
+    from extractors.clip import ClipExtractor
+    from pipeline.extract import extract_videos, resolve_device
+    from pipeline.framestore import FrameStore
+
+    if threads:
+        torch.set_num_threads(threads)
+    ex = ClipExtractor(ClipExtractor.Config(batch_size=batch_size, device=device))
+    dev = resolve_device(device)
+    model = ex.to_device(ex.build_model().eval(), dev)
+    store = FrameStore(work / "frames")
+    key = ex.protocol().key
+    ids = store.video_ids(key)
+    frames = np.concatenate([np.asarray(store.load(v, key).frames) for v in ids])
+
+    def model_only() -> None:
+        with torch.inference_mode():
+            for i in range(0, len(frames), batch_size):
+                x = torch.from_numpy(frames[i : i + batch_size]).to(dev)
+                with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
+                    ex.embed(model, ex.preprocess(x)).float().cpu()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    model_only()  # warm-up (allocator, kernels)
+    best_model = best_e2e = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model_only()
+        best_model = min(best_model, time.perf_counter() - t0)
+        shutil.rmtree(work / "npy", ignore_errors=True)
+        t0 = time.perf_counter()
+        extract_videos(ex, model, dev, store, ids, work / "npy", "random", ids)
+        best_e2e = min(best_e2e, time.perf_counter() - t0)
+    return {
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "batch_size": batch_size,
+        "videos": len(ids),
+        "frames": int(len(frames)),
+        "model_only_frames_per_s": round(len(frames) / best_model, 2),
+        "end_to_end_frames_per_s": round(len(frames) / best_e2e, 2),
+        "end_to_end_videos_per_s": round(len(ids) / best_e2e, 3),
+        "ratio": round(best_model / best_e2e, 3),
+    }
+
+
+def bench_merge(work: Path, repeats: int, copies: int) -> dict:
+    import h5py
+
+    from pipeline.h5merge import merge_to_hdf5
+
+    # more data than one small run gives: `copies` renamed copies of each per-video file
+    src = work / "merge_src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    for f in sorted((work / "npy").glob("*.npy")):
+        for c in range(copies):
+            shutil.copy(f, src / f"{f.stem}_{c}.npy")
+    files = sorted(src.glob("*.npy"))
+    nbytes = sum(np.load(f, mmap_mode="r").nbytes for f in files)
+
+    def plain(out: Path) -> None:
+        with h5py.File(out, "w") as h5:
+            for f in files:
+                h5.create_dataset(f.stem, data=np.load(f))
+
+    best_plain = best_ours = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plain(work / "plain.h5")
+        best_plain = min(best_plain, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        merge_to_hdf5(src, work / "ours.h5", provenance={"benchmark": True})
+        best_ours = min(best_ours, time.perf_counter() - t0)
+    mb = nbytes / 1e6
+    return {
+        "files": len(files),
+        "megabytes": round(mb, 1),
+        "h5py_loop_mb_per_s": round(mb / best_plain, 1),
+        "vmr_merge_mb_per_s": round(mb / best_ours, 1),
+        "ratio": round(best_plain / best_ours, 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--videos", default="data/synth/videos")
+    ap.add_argument("--limit", type=int, default=16, help="first N videos (sorted ids); 0 = all")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for the model (0 = default)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--merge-copies", type=int, default=20)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["decode", "extract", "merge"])
+    ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--out", default=None, help="write the results here as JSON")
+    args = ap.parse_args()
+
+    from extractors.clip import ClipExtractor
+    from pipeline.decode import decode_all, list_videos
+
+    videos = list_videos(args.videos)
+    if args.limit:
+        videos = dict(list(videos.items())[: args.limit])
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vmr-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    protocols = [ClipExtractor().protocol()]
+    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cpus", "videos_dir": args.videos}
+    if "decode" not in args.skip:
+        results["decode"] = bench_decode(videos, protocols, work, args.repeats)
+    elif not (work / "frames" / "manifest.json").exists():
+        decode_all(videos, work / "frames", protocols, workers=2)
+    if "extract" not in args.skip:
+        results["extract"] = bench_extract(work, args.device, args.threads, args.batch_size, args.repeats)
+    if "merge" not in args.skip:
+        if not (work / "npy").is_dir():
+            raise SystemExit("merge needs the extract outputs: do not skip extract on a fresh workdir")
+        results["merge"] = bench_merge(work, args.repeats, args.merge_copies)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
