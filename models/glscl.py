@@ -127,10 +127,9 @@ class GLSCL(RetrievalModel):
         grad_clip: float | None = 1.0  # global clip_grad_norm_; BertAdam also clips each tensor to 1.0
         select_metric: str = "t2v_R1"
         # retrieval data: "video_captions" = the dataset's {vid: caption} file, split videos from
-        # `dataset.splits` (the synthetic default); "msrvtt" = CLIP4Clip's files in `msrvtt_dir`
+        # `dataset.splits` (the synthetic default); "msrvtt" = `dataset.splits` are CLIP4Clip's files
+        # (train: MSRVTT_data.json with `dataset.durations[0]` = MSRVTT_train.9k.csv; test: the 1k-A csv)
         source: Literal["video_captions", "msrvtt"] = "video_captions"
-        msrvtt_dir: str | None = None
-        msrvtt_train_csv: str = "MSRVTT_train.9k.csv"
         # CLIP backbone (defaults: ViT-B/32 as released by OpenAI)
         embed_dim: int = Field(512, ge=1)
         image_size: int = Field(224, ge=1)
@@ -146,6 +145,9 @@ class GLSCL(RetrievalModel):
         # video input: raw frames from the decode stage (end to end) or frozen CLIP frame features
         input: Literal["frames", "features"] = "frames"
         feature: str = "clip"  # merged feature file `features/<feature>.h5` when input=features
+        # subtract the mean training frame feature (not in the release; for cheap runs on random-init
+        # CLIP features, which share one large common direction that hides the differences)
+        feature_center: bool = False
         max_words: int = Field(32, ge=3)
         max_frames: int = Field(12, ge=1)
         augment: bool = True  # video-consistent RandAugment (4 ops, magnitude 7) on training frames
@@ -184,8 +186,6 @@ class GLSCL(RetrievalModel):
                 raise ValueError("max_frames must be <= context_length (frame positions come from CLIP's text)")
             if self.embed_dim % self.decoder_heads:
                 raise ValueError(f"embed_dim {self.embed_dim} is not divisible by decoder_heads {self.decoder_heads}")
-            if self.source == "msrvtt" and not self.msrvtt_dir:
-                raise ValueError("source 'msrvtt' needs msrvtt_dir (the folder of CLIP4Clip's msrvtt_data files)")
             return self
 
     def __init__(self, cfg: GLSCL.Config | None = None, data: DataContext | None = None):
@@ -402,9 +402,7 @@ class GLSCL(RetrievalModel):
         else:
             files["decode.out_dir"] = Path(data.frames_dir)
         if cfg.source == "msrvtt":
-            root = Path(cfg.msrvtt_dir)
-            for name in ("MSRVTT_data.json", cfg.msrvtt_train_csv, "MSRVTT_JSFUSION_test.csv"):
-                files[f"model.glscl.msrvtt_dir/{name}"] = root / name
+            files.update({f"dataset.durations.{i}": Path(p) for i, p in enumerate(data.dataset.durations)})
         elif data.dataset.video_captions:
             files["dataset.video_captions"] = Path(data.dataset.video_captions)
         if cfg.weights:
@@ -435,7 +433,12 @@ class GLSCL(RetrievalModel):
         from pipeline.retrieval_data import FeatureClips, FrameClips
 
         if self.cfg.input == "features":
-            return FeatureClips(data.feature_file(self.cfg.feature), self.cfg.max_frames)
+            path = data.feature_file(self.cfg.feature)
+            center = None
+            if self.cfg.feature_center:
+                train_videos = list(dict.fromkeys(vid for _, vid, _ in self._pairs("train")))
+                center = FeatureClips.mean_feature(path, train_videos)
+            return FeatureClips(path, self.cfg.max_frames, center=center)
         return FrameClips(data.frames_dir, self.cfg.max_frames, self.cfg.image_size,
                           augment=train and self.cfg.augment, seed=data.seed)
 

@@ -3,9 +3,9 @@
 Pairs come from `pipeline.annotations` (no parsing here):
 - `video_captions` (the synthetic default): one caption per video from the dataset's
   `{vid: caption}` file; a split's videos are those of `dataset.splits[split]` (64 train / 16 test).
-- `msrvtt`: CLIP4Clip's files in one folder. `train` = every `MSRVTT_data.json` caption (file order)
-  of a video in `MSRVTT_train.9k.csv` (180,000 pairs); any other split = the 1k-A
-  `MSRVTT_JSFUSION_test.csv` (1,000 pairs, one per video).
+- `msrvtt`: `dataset.splits` name CLIP4Clip's files. A .json split = every `MSRVTT_data.json`
+  caption (file order) of a video in the csv `dataset.durations[0]` (`MSRVTT_train.9k.csv`: 180,000
+  pairs); a .csv split = the 1k-A `MSRVTT_JSFUSION_test.csv` (1,000 pairs, one per video).
 
 Video clips follow GLSCL's protocol (1 frame per second, at most `max_frames` kept with
 `linspace(0, n-1, max_frames)` truncated to int, zero padding + mask):
@@ -58,12 +58,14 @@ def retrieval_pairs(cfg: Any, data: Any, split: str) -> list[Pair]:
     from pipeline.annotations import load_split
 
     if cfg.source == "msrvtt":
-        root = Path(cfg.msrvtt_dir)
-        if split == "train":
-            queries = load_split(root / "MSRVTT_data.json", "msrvtt_json", dataset="msrvtt", split=split,
-                                 durations=[root / cfg.msrvtt_train_csv])
-        else:
-            queries = load_split(root / "MSRVTT_JSFUSION_test.csv", "msrvtt_csv", dataset="msrvtt", split=split)
+        dataset = data.dataset
+        if split not in dataset.splits:
+            raise ValueError(f"params dataset.splits has no '{split}' (have {sorted(dataset.splits)})")
+        path = Path(dataset.splits[split])
+        if path.suffix == ".json":  # MSRVTT_data.json: the captions of the videos in durations[0]'s csv
+            queries = load_split(path, "msrvtt_json", dataset=dataset.name, split=split, durations=dataset.durations)
+        else:  # MSRVTT_JSFUSION_test.csv (1k-A)
+            queries = load_split(path, "msrvtt_csv", dataset=dataset.name, split=split)
         return [(q.qid, q.video_id, q.sentence) for q in queries]
 
     path = data.dataset.video_captions
@@ -98,11 +100,21 @@ def _pad(frames: torch.Tensor, max_frames: int) -> tuple[torch.Tensor, torch.Ten
 class FeatureClips:
     """Frozen per-frame features of a merged HDF5 file (one (T, D) dataset per video id)."""
 
-    def __init__(self, path: str | Path, max_frames: int):
-        self.path, self.max_frames = Path(path), max_frames
+    def __init__(self, path: str | Path, max_frames: int, center: np.ndarray | None = None):
+        self.path, self.max_frames, self.center = Path(path), max_frames, center
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: feature file not found (run `vmr extract` and `vmr merge`)")
         self._file = None  # opened lazily, once per worker process
+
+    @staticmethod
+    def mean_feature(path: str | Path, videos: list[str]) -> np.ndarray:
+        """Mean frame feature over `videos` (float64 sums, so the order of videos does not matter)."""
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            total = sum(np.asarray(f[v], dtype=np.float64).sum(0) for v in videos)
+            count = sum(f[v].shape[0] for v in videos)
+        return (total / count).astype(np.float32)
 
     def __call__(self, vid: str) -> tuple[torch.Tensor, torch.Tensor]:
         import h5py
@@ -114,7 +126,10 @@ class FeatureClips:
         feats = np.asarray(self._file[vid], dtype=np.float32)
         if feats.ndim != 2 or len(feats) == 0:
             raise ValueError(f"{self.path}: '{vid}' has shape {feats.shape}, expected (T>0, D)")
-        return _pad(torch.from_numpy(feats[keep_uniformly(len(feats), self.max_frames)]), self.max_frames)
+        feats = feats[keep_uniformly(len(feats), self.max_frames)]
+        if self.center is not None:
+            feats = feats - self.center
+        return _pad(torch.from_numpy(feats), self.max_frames)
 
     def __getstate__(self):  # h5py handles do not pickle (DataLoader workers)
         return {**self.__dict__, "_file": None}

@@ -374,15 +374,24 @@ def _write_tiny_msrvtt(root):
 
 
 def test_msrvtt_pairs(tmp_path):
+    from pipeline.params import DatasetParams
     from pipeline.retrieval_data import retrieval_pairs
+    from pipeline.trainer import DataContext
 
     _write_tiny_msrvtt(tmp_path)
-    cfg = GLSCL.Config(source="msrvtt", msrvtt_dir=str(tmp_path))
-    train = retrieval_pairs(cfg, None, "train")
+    dataset = DatasetParams(name="msrvtt", format="msrvtt_json", video_captions=None,
+                            splits={"train": str(tmp_path / "MSRVTT_data.json"),
+                                    "test": str(tmp_path / "MSRVTT_JSFUSION_test.csv")},
+                            durations=[str(tmp_path / "MSRVTT_train.9k.csv")])
+    data = DataContext(dataset=dataset, features_dir=tmp_path, vocab_dir=tmp_path, frames_dir=tmp_path,
+                       run_dir=tmp_path, seed=0)
+    cfg = GLSCL.Config(source="msrvtt", input="features")
+    assert set(GLSCL.input_files(cfg, data)) == {"features.clip", "dataset.durations.0"}
+    train = retrieval_pairs(cfg, data, "train")
     assert [(v, c) for _, v, c in train] == [("video0", "a man sings"), ("video0", "someone sings a song"),
                                              ("video1", "a cat runs"), ("video1", "the cat plays"),
                                              ("video2", "cars race"), ("video2", "a race")]
-    test = retrieval_pairs(cfg, None, "test")
+    test = retrieval_pairs(cfg, data, "test")
     assert test == [("ret0", "video7", "a person cooks"), ("ret1", "video8", "a dog barks")]
 
 
