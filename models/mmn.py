@@ -329,6 +329,21 @@ class MMN(GroundingModel):
                     for (a, b), c in zip(w[v], s[v], strict=True)]})
         return out
 
+    def random_predictions(self, queries: list, seed: int) -> list[dict]:
+        """Random proposals from MMN's own candidates: uniform random scores over the valid cells,
+        then the same NMS and decoding as the model."""
+        gen = torch.Generator().manual_seed(seed)
+        mask = self.feat2d.mask2d.cpu()
+        out = []
+        for q in queries:
+            score2d = torch.rand((1, *mask.shape), generator=gen) * mask
+            windows, scores, valid = rank_moments(score2d, mask, float(q.duration), self.cfg.nms_threshold,
+                                                  self.cfg.num_windows)
+            out.append({"qid": q.qid, "vid": q.video_id, "pred_relevant_windows": [
+                [round(float(a), 4), round(float(b), 4), round(float(c), 6)]
+                for (a, b), c in zip(windows[0][valid[0]], scores[0][valid[0]], strict=True)]})
+        return out
+
     def metrics(self, predictions: list[dict], queries: list) -> dict[str, float]:
         windows, valid, gt = windows_from_predictions(predictions, queries, max(self.cfg.recall_ks))
         return grounding_recall_metrics(windows, valid, gt, self.cfg.recall_ks, self.cfg.iou_thresholds)

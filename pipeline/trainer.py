@@ -77,6 +77,8 @@ Grounding models (`GroundingModel`, task = "grounding") add:
         the seed's evaluation convention through the shared evaluator (`pipeline.evaluation`);
         keys such as "R@1,IoU@0.5" (pipeline.evaluation) are what `select_metric` names. The
         trainer calls it on the predictions and on a random-proposal baseline for the same queries.
+    random_predictions(queries, seed) -> predictions of that baseline (optional; default: uniform
+        random windows inside each video)
 
 Retrieval models (`RetrievalModel`, task = "retrieval") add:
     build_eval_datasets(split, data) -> (text_dataset, video_dataset)
@@ -236,6 +238,11 @@ class GroundingModel(VmrModel):
 
     def metrics(self, predictions: list[dict], queries: list) -> dict[str, float]:
         raise NotImplementedError
+
+    def random_predictions(self, queries: list, seed: int) -> list[dict]:
+        """The random baseline: uniform random windows. Override to draw random scores over the
+        model's own candidate set (e.g. MMN's valid 2D-map cells, then its NMS)."""
+        return random_grounding_predictions(queries, seed)
 
 
 class RetrievalModel(VmrModel):
@@ -830,7 +837,7 @@ def random_retrieval_result(result: RetrievalResult, seed: int) -> RetrievalResu
 
 def random_baseline(model: VmrModel, predictions: Any, data: EvalData, seed: int) -> dict[str, float]:
     if isinstance(model, GroundingModel):
-        return score(model, random_grounding_predictions(data.queries or [], seed), data)
+        return score(model, model.random_predictions(data.queries or [], seed), data)
     return score(model, random_retrieval_result(predictions, seed), data)
 
 
