@@ -1,0 +1,80 @@
+"""Stages train@mmn and evaluate@mmn through the CLI on a tiny dataset: outputs, provenance, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
+from _toy import write_toy_data  # noqa: E402
+
+from pipeline.cli import app  # noqa: E402
+from pipeline.provenance import read_record  # noqa: E402
+
+TINY_MMN = dict(features=["toy"], input_size=None, num_pre_clips=8, num_clips=4, pool_kernel=2,
+                pooling_counts=[3], feat_hidden=16, pred_hidden=16, pred_kernel=3, pred_layers=2,
+                joint_size=16, text_dim=16, text_layers=1, text_heads=2, text_ffn=32, vocab_size=120,
+                freeze_bert=0, epochs=2, batch_size=4, eval_batch_size=4, milestones=[1],
+                iou_thresholds=[0.3, 0.5, 0.7])
+
+
+def _params(tmp_path: Path, **trainer) -> Path:
+    dataset = write_toy_data(tmp_path / "data")
+    params = {
+        "seed": 0,
+        "dataset": dataset.model_dump(),
+        "merge": {"out_dir": str(tmp_path / "data" / "features")},
+        "trainer": {"out_dir": str(tmp_path / "runs"), "device": "cpu", **trainer},
+        "evaluate": {"out_dir": str(tmp_path / "results"), "split": "test"},
+        "models": ["mmn"],
+        "model": {"mmn": TINY_MMN},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_train_then_evaluate_writes_predictions_metrics_and_provenance(tmp_path):
+    params = _params(tmp_path, select_split="test")
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--model", "mmn", "-p", str(params)])
+    assert result.exit_code == 0, result.output
+    best = tmp_path / "runs" / "mmn" / "best.pt"
+    record = read_record(best)
+    assert record["weights"] == {"text_encoder": "random"}
+    assert record["selected_on"] == "test" and record["selected_on_evaluated_split"] is True
+    assert "features.toy" in record["inputs"]
+    assert (tmp_path / "runs" / "mmn" / "live" / "metrics.json").is_file()
+
+    result = runner.invoke(app, ["evaluate", "--model", "mmn", "-p", str(params)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "results" / "mmn"
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all({"qid", "vid", "pred_relevant_windows"} <= set(p) for p in lines)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"R@1,IoU@0.5", "mIoU", "random_baseline", "epoch"} <= set(metrics)
+    assert set(metrics["random_baseline"]) == set(metrics) - {"random_baseline", "epoch"}
+    assert read_record(out / "metrics.json")["split"] == "test"
+    # evaluation is deterministic
+    before = (out / "predictions.jsonl").read_bytes()
+    assert runner.invoke(app, ["evaluate", "--model", "mmn", "-p", str(params)]).exit_code == 0
+    assert (out / "predictions.jsonl").read_bytes() == before
+
+
+def test_missing_features_fail_before_any_work_naming_the_key(tmp_path):
+    params = _params(tmp_path)
+    (tmp_path / "data" / "features" / "toy.h5").unlink()
+    result = CliRunner().invoke(app, ["train", "--model", "mmn", "-p", str(params)])
+    assert result.exit_code == 2
+    assert "features.toy" in result.output and "toy.h5" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_evaluate_without_trained_weights_is_a_clear_error(tmp_path):
+    params = _params(tmp_path)
+    result = CliRunner().invoke(app, ["evaluate", "--model", "mmn", "-p", str(params)])
+    assert result.exit_code == 2 and "best.pt" in result.output
