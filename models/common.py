@@ -268,26 +268,29 @@ def mutual_matching_loss(
 # -- decoding and metrics -------------------------------------------------------------------------
 
 
-def rank_moments(score2d: torch.Tensor, mask2d: torch.Tensor, duration: float, nms_threshold: float,
-                 top_n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Score maps (S, N, N) of one video -> the best `top_n` windows after NMS per sentence.
+def rank_moments(score2d: torch.Tensor, mask2d: torch.Tensor, durations: Sequence[float] | np.ndarray,
+                 nms_threshold: float, top_n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score maps (Q, N, N) of Q queries (any videos) -> each query's best `top_n` windows after NMS.
 
     Candidates are the valid cells (MMN takes the nonzero cells of the score map, which are the
-    valid cells in practice). Returns (windows (S, top_n, 2) seconds, scores (S, top_n),
-    valid (S, top_n)), best first.
+    valid cells in practice), in seconds of that query's video duration. Returns (windows
+    (Q, top_n, 2), scores (Q, top_n), valid (Q, top_n)), best first; one vectorised NMS call.
     """
     n = score2d.shape[-1]
-    moments = proposal_moments(n, duration)[mask2d.cpu()].numpy().astype(np.float64)  # K x 2
-    scores = score2d[:, mask2d].float().cpu().numpy().astype(np.float64)  # S x K
-    k = moments.shape[0]
-    cand = np.broadcast_to(moments, (scores.shape[0], k, 2))
-    kept, valid = nms(cand, scores, nms_threshold, top_k=top_n, chunk=max(1, (1 << 24) // (k * k)))
-    # the kept windows' scores: look each kept window up among the candidates
-    kept_scores = np.zeros(valid.shape)
-    cells = [tuple(m) for m in moments]  # distinct cells have distinct windows
-    for s in range(scores.shape[0]):
-        lookup = dict(zip(cells, scores[s], strict=True))
-        kept_scores[s] = [lookup[tuple(w)] if v else 0.0 for w, v in zip(kept[s], valid[s], strict=True)]
+    # seconds exactly as MMN computes them (float32: [i, j + 1] * duration / N): NMS ties at IoU 0.5
+    # are common on the grid, so the rounding of the candidates decides them
+    rows, cols = torch.nonzero(mask2d.cpu(), as_tuple=True)
+    grid = torch.stack([rows, cols + 1], dim=1).float()  # K x 2
+    seconds = grid[None] * torch.tensor(np.asarray(durations), dtype=torch.float32)[:, None, None] / n
+    moments = seconds.numpy().astype(np.float64)  # Q x K x 2
+    cells = grid.numpy()
+    scores = score2d[:, mask2d].float().cpu().numpy().astype(np.float64)  # Q x K
+    k = cells.shape[0]
+    kept, valid = nms(moments, scores, nms_threshold, top_k=top_n, chunk=max(1, (1 << 24) // (k * k)))
+    # the kept windows' scores: distinct cells have distinct windows, so match them back
+    match = np.all(np.isclose(kept[:, :, None, :], moments[:, None, :, :], rtol=0, atol=1e-9), axis=-1)
+    index = match.argmax(axis=2)  # Q x top_n
+    kept_scores = np.where(valid, np.take_along_axis(scores, index, axis=1), 0.0)
     return kept, kept_scores, valid
 
 

@@ -142,6 +142,13 @@ def collate_videos(items: list[dict]) -> dict:
     }
 
 
+def moment_detr_lines(qids, vids, windows, scores, valid) -> list[dict]:
+    """Moment-DETR prediction lines: the valid windows of each query, best first."""
+    return [{"qid": q, "vid": v, "pred_relevant_windows": [
+        [round(float(a), 4), round(float(b), 4), round(float(c), 6)] for (a, b), c in zip(w[m], s[m], strict=True)]}
+        for q, v, w, s, m in zip(qids, vids, windows, scores, valid, strict=True)]
+
+
 # -- the model ------------------------------------------------------------------------------------
 
 
@@ -318,31 +325,23 @@ class MMN(GroundingModel):
         return [fuse_scores(c.float(), i.float(), self.cfg.score_pow) for c, i in zip(cons, ious, strict=True)]
 
     def predict_step(self, batch: dict) -> list[dict]:
-        out = []
-        for score2d, duration, qids, vid in zip(self.score_maps(batch), batch["durations"], batch["qids"],
-                                                batch["vids"], strict=True):
-            windows, scores, valid = rank_moments(score2d, self.feat2d.mask2d, duration,
-                                                  self.cfg.nms_threshold, self.cfg.num_windows)
-            for qid, w, s, v in zip(qids, windows, scores, valid, strict=True):
-                out.append({"qid": qid, "vid": vid, "pred_relevant_windows": [
-                    [round(float(a), 4), round(float(b), 4), round(float(c), 6)]
-                    for (a, b), c in zip(w[v], s[v], strict=True)]})
-        return out
+        maps = self.score_maps(batch)
+        durations = [d for d, m in zip(batch["durations"], maps, strict=True) for _ in range(len(m))]
+        qids = [q for qs in batch["qids"] for q in qs]
+        vids = [v for v, m in zip(batch["vids"], maps, strict=True) for _ in range(len(m))]
+        windows = rank_moments(torch.cat(maps), self.feat2d.mask2d, durations, self.cfg.nms_threshold,
+                               self.cfg.num_windows)
+        return moment_detr_lines(qids, vids, *windows)
 
     def random_predictions(self, queries: list, seed: int) -> list[dict]:
         """Random proposals from MMN's own candidates: uniform random scores over the valid cells,
         then the same NMS and decoding as the model."""
         gen = torch.Generator().manual_seed(seed)
         mask = self.feat2d.mask2d.cpu()
-        out = []
-        for q in queries:
-            score2d = torch.rand((1, *mask.shape), generator=gen) * mask
-            windows, scores, valid = rank_moments(score2d, mask, float(q.duration), self.cfg.nms_threshold,
-                                                  self.cfg.num_windows)
-            out.append({"qid": q.qid, "vid": q.video_id, "pred_relevant_windows": [
-                [round(float(a), 4), round(float(b), 4), round(float(c), 6)]
-                for (a, b), c in zip(windows[0][valid[0]], scores[0][valid[0]], strict=True)]})
-        return out
+        score2d = torch.rand((len(queries), *mask.shape), generator=gen) * mask
+        windows = rank_moments(score2d, mask, [float(q.duration) for q in queries], self.cfg.nms_threshold,
+                               self.cfg.num_windows)
+        return moment_detr_lines([q.qid for q in queries], [q.video_id for q in queries], *windows)
 
     def metrics(self, predictions: list[dict], queries: list) -> dict[str, float]:
         windows, valid, gt = windows_from_predictions(predictions, queries, max(self.cfg.recall_ks))

@@ -253,7 +253,7 @@ def test_inference_scores_and_nms():
     score2d[0, 0, 1] = 0.8  # [0, 4]: IoU 0.67 with [0, 6] -> suppressed
     score2d[0, 3, 3] = 0.7  # [6, 8]: IoU 0 -> kept
     score2d[0, 1, 2] = 0.6  # [2, 6]: IoU 0.67 -> suppressed
-    windows, scores, valid = rank_moments(score2d, mask, 8.0, nms_threshold=0.5, top_n=3)
+    windows, scores, valid = rank_moments(score2d, mask, [8.0], nms_threshold=0.5, top_n=3)
     assert windows[0, :2].tolist() == [[0.0, 6.0], [6.0, 8.0]]
     assert scores[0, :2].tolist() == pytest.approx([0.9, 0.7])
     assert valid[0, :2].all()
@@ -315,3 +315,15 @@ def test_distilbert_from_a_local_hf_directory(tmp_path, toy):
                                loaded.embeddings.word_embeddings.weight)
     with pytest.raises(ValueError, match="sha256"):
         MMN(tiny_config(text_encoder=str(hf), text_encoder_sha256="0" * 64), toy)
+
+
+def test_candidate_seconds_are_mmn_float32_grid_values():
+    # NMS ties at IoU 0.5 are common on the grid: candidates must round exactly as MMN's float32
+    # `grids * duration / num_clips`, or R@5 moves (seen: 73.08 vs 65.38 on the synthetic test split)
+    mask, _ = sparse_proposal_mask(16, [15])
+    score2d = torch.rand(1, 16, 16) * mask
+    windows, _, valid = rank_moments(score2d, mask, [23.7], nms_threshold=1.0, top_n=136)
+    grids = torch.nonzero(mask)
+    grids[:, 1] += 1
+    expected = {tuple(w) for w in (grids * 23.7 / 16).tolist()}
+    assert valid.all() and {tuple(w) for w in windows[0].tolist()} == expected
