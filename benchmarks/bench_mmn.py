@@ -79,12 +79,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=None, help="videos per step (default: the config's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
     model = build(args.config, device)
-    videos = model.cfg.batch_size
+    videos = args.batch or model.cfg.batch_size
     opt = model.configure_optimizers().optimizers[0]
     ctx = StepContext(epoch=1, step=0, world_size=1, optimizer_step=lambda *a, **k: None)
     batches = [batch_of(model, videos, device, rng) for _ in range(args.steps + 2)]

@@ -196,7 +196,8 @@ def evaluate(
     """Evaluate a trained model on `evaluate.split`.
 
     Reads: the selected checkpoint in `trainer.out_dir`/<model>/, features and annotations.
-    Writes: `evaluate.out_dir`/<model>/{predictions.jsonl, metrics.json} (with a random baseline).
+    Writes: `evaluate.out_dir`/<model>/metrics.json (with the random baseline) and predictions/
+    (predictions.jsonl in Moment-DETR's format for grounding; similarity.npz for retrieval).
     """
     _run(params, set_, profile, "evaluate", model=model)
 

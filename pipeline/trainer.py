@@ -606,8 +606,15 @@ def fit(
     found = checkpoints(ckpt_dir) if resume else []
     if found:
         state = load_torch(found[-1][1])
+        kept = state["best"]["epoch"] if state["config"] == record else 0
         if state["config"] != record:
-            log(f"{found[-1][1]}: made with a different config; starting afresh")
+            reason = "made with a different config or code"
+        elif kept and kept != state["epoch"] and not best_path.exists():
+            reason = f"the kept weights of epoch {kept} (best.pt) are gone"
+        else:
+            reason = None
+        if reason:
+            log(f"{found[-1][1]}: {reason}; training afresh")
             if env.is_main:
                 for _, p in found:
                     p.unlink()
@@ -625,6 +632,9 @@ def fit(
                 log(f"note: checkpoint from {len(rngs)} process(es), resuming with {env.world_size}")
             set_rng_state(rngs[env.rank % len(rngs)])
             log(f"resuming {name} from {found[-1][1]} (epoch {state['epoch']} done)")
+            if env.is_main and not best_path.exists() and kept == state["epoch"]:
+                save_torch({"model": state["model"], "config": record, "epoch": kept,
+                            "metrics": state["best"]["metrics"]}, best_path)
     if env.world_size > 1:
         # every rank starts from rank 0's weights, as DistributedDataParallel does
         for tensor in [*model.parameters(), *(b for b in model.buffers() if b.dtype != torch.bool)]:
@@ -708,8 +718,6 @@ def fit(
 
     result = None
     if env.is_main:
-        if not best_path.exists():  # e.g. every epoch was done before a resume with a fresh best.pt path
-            save_torch({"model": model.state_dict(), "config": record, "epoch": cfg.epochs, "metrics": {}}, best_path)
         write_live_logs(run_dir / "live", history)
         result = FitResult(best_epoch=best["epoch"], best_metrics=best["metrics"], history=history,
                            best_path=best_path, weights=model.weights_provenance())

@@ -47,10 +47,10 @@ def run(params: Params, source: str, model: str) -> None:
     baseline = random_baseline(net, preds, eval_data, params.evaluate.random_baseline_seed)
 
     if isinstance(net, GroundingModel):
-        predictions_path = out_dir / "predictions.jsonl"
+        predictions_path = out_dir / "predictions" / "predictions.jsonl"
         write_text(predictions_path, "".join(json.dumps(p) + "\n" for p in preds))
     else:
-        predictions_path = out_dir / "similarity.npz"
+        predictions_path = out_dir / "predictions" / "similarity.npz"
         with atomic_path(predictions_path) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, similarity=preds.similarity.numpy(), text_qids=np.asarray(preds.text_qids),

@@ -54,7 +54,8 @@ def run(params: Params, source: str, model: str) -> None:
         device=t.device, num_workers=t.num_workers, select_split=t.select_split,
         select_metric=t.select_metric, deterministic=t.deterministic, amp=t.amp, amp_dtype=t.amp_dtype,
         resume=t.resume, keep_checkpoints=t.keep_checkpoints,
-        config_record={"dataset": params.dataset.model_dump()},
+        # code in the record: a checkpoint of older code is never resumed (DVC keeps them: persist)
+        config_record={"dataset": params.dataset.model_dump(), "code": provenance.code_version(CODE)},
     )
     if result is None or not is_rank_zero():
         return

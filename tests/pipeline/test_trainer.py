@@ -165,3 +165,17 @@ def test_random_baseline_windows_lie_inside_the_video(tmp_path):
         assert scores == sorted(scores, reverse=True)
         assert all(0 <= w[0] <= w[1] <= q.duration for w in p["pred_relevant_windows"])
     assert preds == random_grounding_predictions(queries, seed=0)
+
+
+def test_a_finished_run_rebuilds_a_deleted_best_pt_identically(tmp_path):
+    # `dvc repro` deletes best.pt (a cached out) but keeps the checkpoints (persist): the rerun must
+    # not pass the last epoch off as the selected one
+    ctx = toy_context(tmp_path / "data", tmp_path / "run")
+    cfg = ToyModel.Config(epochs=3)
+    fit("toy", ToyModel, cfg, ctx, device="cpu", select_split="test")
+    best = load_torch(tmp_path / "run" / "best.pt")
+    (tmp_path / "run" / "best.pt").unlink()
+    fit("toy", ToyModel, cfg, ctx, device="cpu", select_split="test")
+    again = load_torch(tmp_path / "run" / "best.pt")
+    assert again["epoch"] == best["epoch"] and again["metrics"] == best["metrics"]
+    assert all(torch.equal(again["model"][k], best["model"][k]) for k in best["model"])

@@ -53,16 +53,16 @@ def test_train_then_evaluate_writes_predictions_metrics_and_provenance(tmp_path)
     result = runner.invoke(app, ["evaluate", "--model", "mmn", "-p", str(params)])
     assert result.exit_code == 0, result.output
     out = tmp_path / "results" / "mmn"
-    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "predictions" / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and all({"qid", "vid", "pred_relevant_windows"} <= set(p) for p in lines)
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"R@1,IoU@0.5", "mIoU", "random_baseline", "epoch"} <= set(metrics)
     assert set(metrics["random_baseline"]) == set(metrics) - {"random_baseline", "epoch"}
     assert read_record(out / "metrics.json")["split"] == "test"
     # evaluation is deterministic
-    before = (out / "predictions.jsonl").read_bytes()
+    before = (out / "predictions" / "predictions.jsonl").read_bytes()
     assert runner.invoke(app, ["evaluate", "--model", "mmn", "-p", str(params)]).exit_code == 0
-    assert (out / "predictions.jsonl").read_bytes() == before
+    assert (out / "predictions" / "predictions.jsonl").read_bytes() == before
 
 
 def test_missing_features_fail_before_any_work_naming_the_key(tmp_path):
