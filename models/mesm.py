@@ -940,32 +940,6 @@ class GloveTableEncoder(nn.Module):
         return self.emb(ids) if hasattr(self, "emb") else F.embedding(ids, self.table)
 
 
-def read_glove_text(path: str, words: set[str], dim: int) -> dict[str, Tensor]:
-    """Vectors of `words` from a GloVe text file (`word v1 ... v_dim` per line; a word may contain spaces)."""
-    found: dict[str, Tensor] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split(" ")
-            word = " ".join(parts[:-dim])
-            if word in words and word not in found:
-                if len(parts) < dim + 1:
-                    raise ValueError(f"{path}:{lineno}: expected a word and {dim} numbers")
-                found[word] = torch.tensor([float(x) for x in parts[-dim:]])
-    return found
-
-
-def read_glove_pkl(path: str) -> dict:
-    """Our (and CPL's) glove.pkl: {"w2id": {word: id, "<PAD>": 0}, "id2vec": [300-d arrays], "counter": Counter}."""
-    import pickle
-
-    with open(path, "rb") as f:
-        vocab = pickle.load(f)  # our own vocab stage's file (the CPL format is a pickle)
-    for key in ("w2id", "id2vec", "counter"):
-        if key not in vocab:
-            raise ValueError(f"{path}: expected a glove.pkl dict with keys w2id, id2vec, counter; '{key}' is missing")
-    return vocab
-
-
 def read_tokenized_count(path: str, column: int, limit: int, cast: Callable = int) -> list:
     """The first `limit` entries of a *_tokenized_count.txt (sorted by count) in one column:
     CLIP: `<token_id> <count>`; GloVe: `<word> <vocab_id> <count>`."""
@@ -982,40 +956,6 @@ def read_tokenized_count(path: str, column: int, limit: int, cast: Callable = in
 
 
 # -- tokenization and POS weights -----------------------------------------------------------------
-
-# Closed-class English words: the fallback POS rule gives them weight 1 when nltk's tagger data is
-# absent (nltk.pos_tag needs a download); everything else alphabetic counts as content (weight 2).
-_FUNCTION_WORDS = set(
-    "a an the this that these those some any each every no his her its their our my your one "
-    "i you he she it we they me him us them himself herself itself themselves someone something "
-    "and or but nor so yet if then than because while when where as of in on at to from by with "
-    "into onto over under about after before through between against during without within upon "
-    "up down out off is are was were be been being am do does did has have had will would can "
-    "could shall should may might must not who whom whose which what there here".split()
-)
-
-
-def pos_tagger() -> tuple[Callable[[list[str]], list[int]], str]:
-    """(tokens -> MESM POS weights, name of the tagger used for provenance).
-
-    MESM: tags containing NN, VB, JJ or RB weigh 2, all others 1 (nltk.pos_tag). Without nltk's
-    tagger data we fall back to a closed-class word list (documented in docs/mesm.md)."""
-    import nltk
-
-    try:
-        nltk.pos_tag(["a", "person"])
-
-        def nltk_weights(tokens: list[str]) -> list[int]:
-            return [2 if any(t in tag for t in ("NN", "VB", "JJ", "RB")) else 1 for _, tag in nltk.pos_tag(tokens)]
-
-        return nltk_weights, "nltk.pos_tag"
-    except LookupError:
-
-        def fallback_weights(tokens: list[str]) -> list[int]:
-            return [2 if t.isalpha() and t.lower() not in _FUNCTION_WORDS else 1 for t in tokens]
-
-        return fallback_weights, "closed-class-word fallback (nltk tagger data absent)"
-
 
 class Tokens(NamedTuple):
     ids: list[int]  # CLIP token ids / GloVe vocabulary ids (0 = padding)
@@ -1037,18 +977,18 @@ class MesmTokenizer:
     """
 
     def __init__(self, kind: str, vocab_dir: str, vocab_size: int, max_words_l: int, glove_pkl: dict | None = None):
-        self.kind, self.vocab_size, self.max_words_l = kind, vocab_size, max_words_l
-        self.pos_weights, self.pos_tagger = pos_tagger()
-        if kind == "clip":
-            from open_clip.tokenizer import SimpleTokenizer
+        from pipeline import vocab
 
-            self.bpe = SimpleTokenizer()
+        self.kind, self.vocab_size, self.max_words_l = kind, vocab_size, max_words_l
+        # MESM's POS weights (2 for NN/VB/JJ/RB tags, else 1); pipeline.vocab falls back to a
+        # closed-class word list when nltk's tagger data is absent and names the rule it used.
+        self.pos_weights, self.pos_tagger = vocab.pos_weights, vocab.pos_tagger_name()
+        if kind == "clip":
+            self.bpe = vocab.clip_tokenizer()
             kept = read_tokenized_count(f"{vocab_dir}/CLIP_tokenized_count.txt", 0, vocab_size)
             self.num_classes = vocab_size + 3
         else:
-            from nltk.tokenize import NLTKWordTokenizer
-
-            self.words = NLTKWordTokenizer()
+            self.word_tokenize = vocab.word_tokenize  # nltk's NLTKWordTokenizer (no punkt data here)
             self.num_classes = vocab_size + 1
             if kind == "glove_pkl":
                 self.w2id = glove_pkl["w2id"]
@@ -1072,7 +1012,7 @@ class MesmTokenizer:
             labels = [self.vocab_size + 1] + [lab for lab, _ in labelled] + [self.vocab_size + 2]
             unknown = [False] + [unk for _, unk in labelled] + [False]
             return Tokens([CLIP_SOT] + ids + [CLIP_EOT], weights, labels, unknown)
-        words = [w.lower() for w in self.words.tokenize(sentence)]
+        words = [w.lower() for w in self.word_tokenize(sentence)]
         weights = self.pos_weights(words) if words else []
         if self.kind == "glove_pkl":  # words without a vector are dropped (MESM's NLTKTokenizerWithFeature)
             keep = [i for i, w in enumerate(words) if w in self.w2id]
@@ -1357,8 +1297,10 @@ class MESM(GroundingModel):
         from pipeline.provenance import sha256_file
 
         if cfg.text_encoder == "glove_pkl":
+            from pipeline.vocab import load_glove_pkl
+
             path = f"{data.vocab_dir}/glove.pkl"
-            vocab = read_glove_pkl(path)
+            vocab = load_glove_pkl(path)  # a restricted unpickler: plain data only
             vectors = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in vocab["id2vec"]]))
             self.provenance["text_encoder"] = f"glove.pkl sha256 {sha256_file(path)}"
             return GloveTableEncoder(vectors, as_parameter=False), vectors.shape[1], vocab
@@ -1367,9 +1309,11 @@ class MESM(GroundingModel):
             raise ValueError("model.mesm.glove_file: text_encoder 'glove_txt' needs a GloVe text file")
         words = read_tokenized_count(f"{data.vocab_dir}/GloVe_tokenized_count.txt", 0, 10**9, cast=str)
         vocab_words = sorted(set(words))
-        found = read_glove_text(cfg.glove_file, set(vocab_words), cfg.glove_dim)
+        from pipeline.vocab import read_glove_text
+
+        found = read_glove_text(cfg.glove_file, cfg.glove_dim, words=vocab_words)
         unk = torch.randn(cfg.glove_dim, generator=torch.Generator().manual_seed(data.seed))
-        rows = [torch.zeros(cfg.glove_dim), unk] + [found.get(w, unk) for w in vocab_words]
+        rows = [torch.zeros(cfg.glove_dim), unk] + [torch.from_numpy(found[w]) if w in found else unk for w in vocab_words]
         self.provenance["text_encoder"] = f"{cfg.glove_file} sha256 {sha256_file(cfg.glove_file)}"
         return GloveTableEncoder(torch.stack(rows), as_parameter=True), cfg.glove_dim, None
 

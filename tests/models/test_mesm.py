@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -34,6 +33,8 @@ from models.mesm import (
 )
 from pipeline.annotations import Query
 from pipeline.trainer import DataContext
+from pipeline.vocab import load_glove_pkl
+from pipeline.vocab import write_glove_pkl as write_glove_pkl_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,8 +49,7 @@ def write_glove_pkl(path: Path, dim: int = 300, seed: int = 0) -> None:
     counter = Counter({w: 100 - i for i, w in enumerate(WORDS)})
     w2id = {"<PAD>": 0} | {w: i + 1 for i, w in enumerate(WORDS)}
     id2vec = [np.zeros(dim, np.float32)] + [rng.normal(size=dim).astype(np.float32) for _ in WORDS]
-    with open(path, "wb") as f:
-        pickle.dump({"w2id": w2id, "id2vec": id2vec, "counter": counter}, f)
+    write_glove_pkl_file(path, {"w2id": w2id, "id2vec": id2vec, "counter": counter})
 
 
 class World:
@@ -402,8 +402,7 @@ def test_clip_text_checkpoint_roundtrip_and_truncation(tmp_path):
 
 def test_glove_pkl_tokenizer(tmp_path):
     write_glove_pkl(tmp_path / "glove.pkl")
-    with open(tmp_path / "glove.pkl", "rb") as f:
-        vocab = pickle.load(f)
+    vocab = load_glove_pkl(tmp_path / "glove.pkl")
     tok = MesmTokenizer("glove_pkl", str(tmp_path), vocab_size=3, max_words_l=16, glove_pkl=vocab)
     t = tok("A person opens the xyzzy door.")
     # unknown-to-GloVe words are dropped; labels: most_common(3) = a, person, opens; others <unknown> = 3
