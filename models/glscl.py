@@ -169,6 +169,7 @@ class GLSCL(RetrievalModel):
         # optimisation (BertAdam as released)
         lr: float = Field(1e-4, gt=0)
         coef_lr: float = Field(1e-3, gt=0)  # CLIP parameters train at lr * coef_lr
+        train_token_embedding: bool = True  # false: keep CLIP's 49408x512 token table fixed (cheap CPU runs)
         weight_decay: float = Field(0.2, ge=0)
         warmup_proportion: float = Field(0.1, ge=0, le=1)
         max_logit_scale: float = Field(100.0, gt=0)  # exp(logit_scale) is clamped to this after each step
@@ -197,6 +198,7 @@ class GLSCL(RetrievalModel):
         self.clip = _clip_tower(cfg, with_visual=cfg.input == "frames")
         if self.clip.visual is not None:  # frozen in the released code
             self.clip.visual.conv1.weight.requires_grad_(False)
+        self.clip.token_embedding.weight.requires_grad_(cfg.train_token_embedding)
 
         # temporal module (`seqTransf`): positions + CLIP-style blocks, initialised from CLIP's text side
         self.frame_position_embeddings = nn.Embedding(cfg.context_length, d)
@@ -226,10 +228,10 @@ class GLSCL(RetrievalModel):
     @torch.no_grad()
     def _init_temporal_from_clip_text(self) -> None:
         """Copy CLIP's text positional embedding and its first text blocks (the released 'init trick')."""
+        if self.cfg.text_width != self.cfg.embed_dim:
+            return  # shapes differ (cheap configs): keep the DiCoSA random init
         n = self.frame_position_embeddings.weight.shape[0]
         self.frame_position_embeddings.weight.copy_(self.clip.positional_embedding[:n])
-        if self.cfg.text_width != self.cfg.embed_dim:
-            return  # shapes differ (tiny configs): keep the DiCoSA random init
         for i, block in enumerate(self.temporal.resblocks[: self.cfg.text_layers]):
             block.load_state_dict(self.clip.transformer.resblocks[i].state_dict())
 

@@ -158,8 +158,9 @@ class FrameClips:
         if self.augment:
             # A [T,3,H,W] tensor is one "image batch" to v2 transforms: the same ops and magnitudes hit
             # every frame, which is the released video-consistent RandAugment (timm rand-m7-n4-mstd0.5;
-            # torchvision's op set and fixed magnitude are the closest maintained equivalent).
-            x = v2.RandAugment(num_ops=4, magnitude=7, interpolation=v2.InterpolationMode.BICUBIC)(x)
+            # torchvision's op set and fixed magnitude are the closest maintained equivalent; its tensor
+            # affine ops support bilinear, not the released bicubic).
+            x = v2.RandAugment(num_ops=4, magnitude=7, interpolation=v2.InterpolationMode.BILINEAR)(x)
         x = x.float().div_(255.0)
         return v2.functional.normalize(x, list(CLIP_MEAN), list(CLIP_STD))
 

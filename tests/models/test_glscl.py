@@ -493,3 +493,52 @@ def test_metrics_follow_clip4clip_ties():
                              video_vids=["c", "a", "b"])
     m = tiny().metrics(result)
     assert (m["t2v_R1"], m["t2v_MdR"], m["t2v_MnR"]) == (50.0, 1.5, 1.5)
+
+
+def _write_frame_store(root, videos: dict[str, np.ndarray]):
+    """The decode stage's layout (pipeline/framestore.py) for GLSCL's protocol."""
+    from pipeline.retrieval_data import glscl_protocol
+
+    key = glscl_protocol().key
+    (root / key).mkdir(parents=True)
+    (root / "videos").mkdir()
+    for vid, frames in videos.items():
+        np.save(root / key / f"{vid}.npy", frames)
+        n = len(frames)
+        record = {"status": "ok", "protocols": {key: {"pts": [float(i) for i in range(n)],
+                                                      "windows": [[float(i), i + 1.0] for i in range(n)],
+                                                      "source_index": [30 * i for i in range(n)]}}}
+        (root / "videos" / f"{vid}.json").write_text(json.dumps(record))
+
+
+def test_frame_clips_from_the_frame_store_with_clip_consistent_augmentation(tmp_path):
+    from pipeline.retrieval_data import CLIP_MEAN, CLIP_STD, FrameClips
+
+    rng = np.random.default_rng(0)
+    still = np.repeat(rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8), 20, axis=0)  # 20 s, one image
+    _write_frame_store(tmp_path, {"still": still, "short": still[:3]})
+    video, mask = FrameClips(tmp_path, max_frames=12, size=224)("still")
+    assert video.shape == (12, 3, 224, 224) and mask.tolist() == [1] * 12
+    expected = (torch.from_numpy(still[0]).permute(2, 0, 1) / 255.0 - torch.tensor(CLIP_MEAN)[:, None, None]) \
+        / torch.tensor(CLIP_STD)[:, None, None]
+    assert torch.allclose(video[0], expected, atol=1e-5)
+    video, mask = FrameClips(tmp_path, max_frames=12, size=224)("short")
+    assert mask.tolist() == [1] * 3 + [0] * 9 and video[3:].abs().sum() == 0
+    torch.manual_seed(0)
+    augmented, _ = FrameClips(tmp_path, max_frames=4, size=224, augment=True)("still")
+    assert not torch.allclose(augmented[0], expected, atol=1e-3)  # RandAugment changed the frames ...
+    assert all(torch.equal(augmented[0], augmented[t]) for t in range(1, 4))  # ... identically across the clip
+
+
+def test_end_to_end_frames_forward_and_backward_reach_the_image_tower(tmp_path):
+    from pipeline.retrieval_data import FrameClips, tokenize
+
+    rng = np.random.default_rng(1)
+    _write_frame_store(tmp_path, {f"v{i}": rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8) for i in range(2)})
+    clips = FrameClips(tmp_path, max_frames=4, size=64)
+    video, vmask = (torch.stack(x) for x in zip(*(clips(f"v{i}") for i in range(2)), strict=True))
+    model = tiny(vocab_size=49408, context_length=16, max_words=8)
+    ids, tmask = (torch.stack(x) for x in zip(*(tokenize(c, 8) for c in ("a red dot", "a blue box")), strict=True))
+    model(ids, tmask, video, vmask)["loss"].backward()
+    assert model.clip.visual.transformer.resblocks[0].mlp.c_fc.weight.grad.abs().sum() > 0
+    assert model.clip.visual.conv1.weight.grad is None  # frozen, as released
