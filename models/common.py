@@ -195,8 +195,9 @@ def scaled_iou_bce_loss(scores2d: torch.Tensor, ious2d: torch.Tensor, mask2d: to
     valid cell of every sentence. scores2d, ious2d: (S, N, N)."""
     scores = scores2d.masked_select(mask2d)
     target = ((ious2d.masked_select(mask2d) - min_iou) / (max_iou - min_iou)).clamp(0, 1)
-    # BCE in float32: under autocast the sigmoid scores may be half precision
-    return F.binary_cross_entropy(scores.float(), target.float())
+    # BCE in float32 outside autocast (autocast refuses binary_cross_entropy on half inputs)
+    with torch.autocast(scores.device.type, enabled=False):
+        return F.binary_cross_entropy(scores.float(), target.float())
 
 
 def mutual_matching_loss(
@@ -225,6 +226,18 @@ def mutual_matching_loss(
         video's valid cells + Σ over every valid cell of the other videos + eps). Same-video cells
         with IoU >= neg_iou are zeroed before the exp, so each still adds exp(0) = 1 (as published).
     """
+    def full(t: torch.Tensor) -> torch.Tensor:  # exp(x / tau) in half precision is too coarse
+        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+    with torch.autocast(map2d.device.type, enabled=False):
+        return _mutual_matching_loss(
+            full(map2d), [full(s) for s in sent_feats], list(ious2d), list(moments), mask2d,
+            tau_video=tau_video, tau_sent=tau_sent, margin=margin, top_k=top_k, neg_iou=neg_iou,
+            sent_removal_iou=sent_removal_iou, eps=eps)
+
+
+def _mutual_matching_loss(map2d, sent_feats, ious2d, moments, mask2d, *, tau_video, tau_sent, margin, top_k,
+                          neg_iou, sent_removal_iou, eps):
     b, c = map2d.shape[:2]
     feats = F.normalize(map2d.masked_select(mask2d).reshape(b, c, -1), dim=1)  # B x C x K
     all_sent = F.normalize(torch.cat(list(sent_feats)), dim=1)  # S x C

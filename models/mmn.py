@@ -294,7 +294,7 @@ class MMN(GroundingModel):
         scores = iou_scores(map2d_iou, sent_iou, mask)
         loss_iou = scaled_iou_bce_loss(torch.cat(scores), torch.cat(batch["iou2d"]), mask, cfg.min_iou, cfg.max_iou)
         loss_vid, loss_sent = mutual_matching_loss(
-            map2d.float(), [s.float() for s in sent], batch["iou2d"], batch["moments"], mask,
+            map2d, sent, batch["iou2d"], batch["moments"], mask,
             tau_video=cfg.tau_video, tau_sent=cfg.tau_sent, margin=cfg.margin, top_k=cfg.top_k,
             neg_iou=cfg.neg_iou, sent_removal_iou=cfg.sent_removal_iou)
         loss_vid, loss_sent = loss_vid * cfg.contrastive_weight, loss_sent * cfg.contrastive_weight
