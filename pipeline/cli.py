@@ -177,7 +177,14 @@ def train(
     """
     if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         # Re-launch this very command under torchrun; each rank lands in the branch below.
-        argv = [a for a in sys.argv[1:] if not a.startswith("--nproc-per-node")]
+        argv, skip_value = [], False  # drop --nproc-per-node N / --nproc-per-node=N
+        for a in sys.argv[1:]:
+            if skip_value or a.startswith("--nproc-per-node="):
+                skip_value = False
+                continue
+            skip_value = a == "--nproc-per-node"
+            if not skip_value:
+                argv.append(a)
         # --standalone: a private rendezvous on a free port (no clash with other jobs on the node).
         # Multi-node: run `torchrun --nnodes ... -m pipeline.cli train ...` yourself.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
