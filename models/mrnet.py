@@ -476,35 +476,33 @@ class MRNet(GroundingModel):
         """Windows per query in the configured test order; with `report_both_orders`, also the
         windows obtained with the other order under `pred_relevant_windows_<order>_order`."""
         cfg = self.cfg
-        preds = self._predict(batch, "pred_relevant_windows")
+        preds = self._predict(batch)
         if cfg.report_both_orders:
             other = dict(batch)
             for key in ("queries", "qids", "moments", "iou2d"):
                 other[key] = [values[perm] if torch.is_tensor(values) else [values[i] for i in perm]
                               for values, perm in zip(batch[key], batch["other_order"], strict=True)]
             key = f"pred_relevant_windows_{OTHER_ORDER[cfg.test_query_order]}_order"
-            by_qid = {p["qid"]: p["pred_relevant_windows"] for p in self._predict(other, key)}
+            by_qid = {p["qid"]: p["pred_relevant_windows"] for p in self._predict(other)}
             for p in preds:
                 p[key] = by_qid[p["qid"]]
         return preds
 
-    def _predict(self, batch: dict, key: str) -> list[dict]:
+    def _predict(self, batch: dict) -> list[dict]:
         cfg, mask = self.cfg, self.feat2d.mask2d
         out = self.encode(batch)
         contrastive = contrastive_scores(out["map_contrastive"], out["text"], mask)
-        preds = []
-        for i, (con, iou) in enumerate(zip(contrastive, out["iou_scores"], strict=True)):
-            score2d = fuse_scores(con, iou, cfg.score_pow)
-            windows, scores, valid = rank_moments(score2d, mask, batch["duration"][i], cfg.nms_thresh,
-                                                  cfg.num_predictions)
-            for q, qid in enumerate(batch["qids"][i]):
-                preds.append({
-                    "qid": qid, "vid": batch["vid"][i],
-                    "pred_relevant_windows": [[round(float(s), 4), round(float(e), 4), round(float(c), 6)]
-                                              for (s, e), c, ok in zip(windows[q], scores[q], valid[q], strict=True)
-                                              if ok],
-                })
-        return preds
+        score2d = torch.cat([fuse_scores(c, i, cfg.score_pow) for c, i in zip(contrastive, out["iou_scores"], strict=True)])
+        durations = [d for d, qids in zip(batch["duration"], batch["qids"], strict=True) for _ in qids]
+        windows, scores, valid = rank_moments(score2d, mask, durations, cfg.nms_thresh, cfg.num_predictions)
+        vids = [v for v, qids in zip(batch["vid"], batch["qids"], strict=True) for _ in qids]
+        qids = [q for qids in batch["qids"] for q in qids]
+        return [
+            {"qid": qid, "vid": vid,
+             "pred_relevant_windows": [[round(float(s), 4), round(float(e), 4), round(float(c), 6)]
+                                       for (s, e), c, ok in zip(windows[q], scores[q], valid[q], strict=True) if ok]}
+            for q, (qid, vid) in enumerate(zip(qids, vids, strict=True))
+        ]
 
     def metrics(self, predictions: list[dict], queries: list) -> dict[str, float]:
         """MRNet's protocol: R@{1,5} at `thresholds` (after NMS, hit if IoU >= θ), top-1 mIoU, Best_R{k};
