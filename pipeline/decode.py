@@ -268,7 +268,21 @@ class DecodeTask:
     backend: str = "decord"  # "decord" (PyAV for rotated files) or "pyav"
 
 
-def decode_video(task: DecodeTask) -> dict[str, Any]:
+def run_task(task: DecodeTask) -> str:
+    """Worker entry: skip a finished video, else decode it and write its record (the done marker) last.
+
+    Hashing, the skip check and the record write happen here, in the worker, so that the parent
+    never keeps a worker waiting."""
+    store = FrameStore(task.store_root)
+    source_sha256 = sha256_of(Path(task.path))
+    if is_complete(store, task.video_id, source_sha256, {p.key for p in task.protocols}):
+        return "skipped"
+    record = decode_video(task, source_sha256)
+    write_json(store.record_path(task.video_id), record)
+    return "decoded"
+
+
+def decode_video(task: DecodeTask, source_sha256: str | None = None) -> dict[str, Any]:
     """Decode one video for every protocol; returns its record (status ok). Raises DecodeError."""
     path = Path(task.path)
     store = FrameStore(task.store_root)
@@ -295,7 +309,7 @@ def decode_video(task: DecodeTask) -> dict[str, Any]:
     needed = np.unique(np.concatenate([s[1] for s in selections.values()]))
 
     # Decode the union of the selected frames once, in order; each decoded frame is resized for every
-    # protocol slot that uses it and written straight into that protocol's memory-mapped .npy, so
+    # protocol slot that uses it and appended to that protocol's .npy (slots are in source order), so
     # memory holds one source frame at a time whatever the video length.
     upright = (info["width"], info["height"]) if info["rotation"] % 180 else (info["height"], info["width"])
     slots: dict[int, list[tuple[str, int]]] = {}
@@ -304,27 +318,21 @@ def decode_video(task: DecodeTask) -> dict[str, Any]:
             slots.setdefault(i, []).append((key, j))
     protocols: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        outputs = {}
+        writers = {}
         for key, (proto, idx, _, _) in selections.items():
             tmp = stack.enter_context(atomic_path(store.frames_path(key, task.video_id)))
-            shape = (len(idx), *output_shape(*upright, proto))
-            outputs[key] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            writers[key] = stack.enter_context(_NpyWriter(tmp, (len(idx), *output_shape(*upright, proto))))
         seen = set()
         for i, src in reader.frames(needed):
             seen.add(i)
             done: dict[str, np.ndarray] = {}
             for key, j in slots[i]:
-                proto = selections[key][0]
                 if key not in done:
-                    done[key] = resize_crop(src, proto, info["rotation"])
-                outputs[key][j] = done[key]
+                    done[key] = resize_crop(src, selections[key][0], info["rotation"])
+                writers[key].write(j, done[key])
         missing = [int(i) for i in needed if int(i) not in seen]
         if missing:
             raise DecodeError(f"frames {missing[:5]} could not be decoded")
-        for out in outputs.values():
-            out.flush()
-            del out
-        outputs.clear()
 
     for key, (proto, idx, windows, rate) in selections.items():
         frame_shape = list(output_shape(*upright, proto))
@@ -341,7 +349,7 @@ def decode_video(task: DecodeTask) -> dict[str, Any]:
         "video": task.video_id,
         "file": path.name,
         "bytes": path.stat().st_size,
-        "sha256": sha256_of(path),
+        "sha256": source_sha256 or sha256_of(path),
         "status": "ok",
         "decoder": reader.version,
         "codec": info["codec"],
@@ -355,6 +363,30 @@ def decode_video(task: DecodeTask) -> dict[str, Any]:
         "start_offset": info["start_offset"],
         "protocols": protocols,
     }
+
+
+class _NpyWriter:
+    """Writes a uint8 .npy row by row, in order (same bytes as np.save of the whole array)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]):
+        self.path, self.shape, self.rows = path, shape, 0
+        self.fh = open(path, "wb")
+        header = {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self.fh, header)
+
+    def write(self, row: int, image: np.ndarray) -> None:
+        if row != self.rows or image.shape != self.shape[1:]:
+            raise RuntimeError(f"{self.path}: row {row} {image.shape}, expected row {self.rows} {self.shape[1:]}")
+        self.fh.write(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+        self.rows += 1
+
+    def __enter__(self) -> _NpyWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.fh.close()
+        if exc_type is None and self.rows != self.shape[0]:
+            raise RuntimeError(f"{self.path}: wrote {self.rows} of {self.shape[0]} frames")
 
 
 def _first_line(e: BaseException) -> str:
@@ -513,26 +545,20 @@ def decode_all(
     store = FrameStore(store_root)
     protocols = list({p.key: p for p in protocols}.values())  # equal protocols share frames
     keys = {p.key for p in protocols}
-    tasks, skipped = [], 0
-    for vid, path in videos.items():
-        if is_complete(store, vid, sha256_of(path), keys):
-            skipped += 1
-            continue
-        tasks.append(DecodeTask(vid, str(path), str(store_root), tuple(protocols), backend))
-
+    tasks = [DecodeTask(vid, str(path), str(store_root), tuple(protocols), backend) for vid, path in videos.items()]
     failed: dict[str, str] = {}
-    decoded = 0
-    for res in run_pool(decode_video, tasks, workers, timeout_s, recycle_after):
+    decoded = skipped = 0
+    for res in run_pool(run_task, tasks, workers, timeout_s, recycle_after):
         vid = res.task.video_id
         if res.status == "ok":
-            write_json(store.record_path(vid), res.value)
-            decoded += 1
+            decoded += res.value == "decoded"
+            skipped += res.value == "skipped"
         else:
             failed[vid] = res.value
-            path = Path(res.task.path)
             write_json(
                 store.record_path(vid),
-                {"video": vid, "file": path.name, "status": "failed", "reason": res.value, "protocols": {}},
+                {"video": vid, "file": Path(res.task.path).name, "status": "failed", "reason": res.value,
+                 "protocols": {}},
             )
         if on_result:
             on_result(vid, res.status)
