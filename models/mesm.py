@@ -412,6 +412,7 @@ class MESMNet(nn.Module):
         rec_fw: bool = True,
         rec_ss: bool = True,
         ss_video: Literal["query", "group_concat"] = "query",
+        sentence_from_normalized_words: bool = False,
     ):
         super().__init__()
         self.text_encoder = text_encoder
@@ -420,6 +421,9 @@ class MESMNet(nn.Module):
         d = hidden_dim
         self.hidden_dim, self.normalize_txt, self.use_txt_pos = d, normalize_txt, use_txt_pos
         self.rec_fw, self.rec_ss, self.ss_video = rec_fw, rec_ss, ss_video
+        # the sentence feature is the mean of the raw word features (CLIP, GloVe txt) or of the
+        # L2-normalised ones (glove.pkl: MESM's post_process_text), then normalised
+        self.sentence_from_normalized_words = sentence_from_normalized_words
 
         self.input_vid_proj = input_projection(vid_dim, d, n_input_proj, input_dropout)
         self.input_txt_proj = input_projection(txt_dim, d, n_input_proj, input_dropout)
@@ -466,6 +470,8 @@ class MESMNet(nn.Module):
         with torch.no_grad():
             words = self.text_encoder(words_id).float()
         words = words.masked_fill(~words_mask.unsqueeze(-1), 0)
+        if self.normalize_txt and self.sentence_from_normalized_words:
+            words = F.normalize(words, dim=-1, eps=1e-5)  # MESM's glove.pkl path normalises first
         sentence = words.sum(1) / words_mask.sum(1, keepdim=True)
         if self.normalize_txt:
             words, sentence = F.normalize(words, dim=-1, eps=1e-5), F.normalize(sentence, dim=-1, eps=1e-5)
@@ -1273,6 +1279,7 @@ class MESM(GroundingModel):
             num_recss_layers=cfg.num_recss_layers, num_queries=cfg.num_queries, max_words_l=cfg.max_words_l,
             share_mlp=cfg.share_mlp, use_txt_pos=cfg.use_txt_pos, normalize_txt=cfg.normalize_txt,
             rec_fw=cfg.rec_fw, rec_ss=cfg.rec_ss, ss_video="group_concat" if cfg.layout == "qvhighlights" else "query",
+            sentence_from_normalized_words=cfg.text_encoder == "glove_pkl",
         )
         self.criterion = MESMCriterion(
             cost_span=cfg.set_cost_span, cost_giou=cfg.set_cost_giou, cost_class=cfg.set_cost_class,

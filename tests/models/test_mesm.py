@@ -495,3 +495,15 @@ def test_qvhighlights_run_produces_highlight_metrics(tmp_path):
     preds = [p for item in model.build_dataset("val", world.data, train=False) for p in model.predict_step(model.collate([item]))]
     metrics = model.metrics(preds, queries)
     assert {"HL-min-VeryGood-mAP", "HL-min-VeryGood-Hit1", "R@1,IoU@0.5", "mAP"} <= set(metrics)
+
+
+def test_sentence_feature_conventions():
+    table = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
+    ids = torch.tensor([[1, 2, 0]])
+    for from_normalized, expected_dir in ((False, [3.0, 1.0]), (True, [1.0, 1.0])):
+        net = MESMNet(nn.Embedding.from_pretrained(table), vid_dim=4, txt_dim=2, num_word_classes=3, hidden_dim=8,
+                      nheads=2, dim_feedforward=8, sentence_from_normalized_words=from_normalized)
+        words, sentence = net.encode_text(ids, ids != 0)
+        assert torch.allclose(words[0, :2], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # L2-normalised words
+        assert torch.allclose(words[0, 2], torch.zeros(2))
+        assert torch.allclose(sentence[0], torch.nn.functional.normalize(torch.tensor(expected_dir), dim=0), atol=1e-6)
