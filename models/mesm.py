@@ -1156,7 +1156,7 @@ def collate_groups(items: list[list[dict]]) -> dict:
     """MESM's collate: the model batch is every query of every video group, the video repeated per query."""
     recs = [r for group in items for r in group]
     video, video_mask = pad_stack([r["video"] for r in recs])
-    width = max(len(r["tokens"].ids) for r in recs)
+    width = max(1, max(len(r["tokens"].ids) for r in recs))
     pad = lambda key, dtype: torch.tensor(  # noqa: E731
         [list(getattr(r["tokens"], key)) + [0] * (width - len(r["tokens"].ids)) for r in recs], dtype=dtype)
     batch = {
@@ -1168,6 +1168,9 @@ def collate_groups(items: list[list[dict]]) -> dict:
         "qid": [r["qid"] for r in recs], "vid": [r["vid"] for r in recs],
     }
     batch["words_mask"] = batch["words_id"] != 0
+    # A sentence with no token left (glove.pkl drops words without a vector) keeps one zero word so
+    # that attention has a key; MESM would divide by zero there.
+    batch["words_mask"][~batch["words_mask"].any(1), 0] = True
     if "norm_moment" in recs[0]:
         moments = [r["norm_moment"] for r in recs]
         if moments[0].dim() == 2:  # several windows per query (QVH)
