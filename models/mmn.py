@@ -9,8 +9,9 @@ with cross-video negatives, and inference by ((cos+1)/2)^pow * iou_score, then N
 
 Text encoder: a local Hugging Face DistilBERT directory (`text_encoder`, weights checked against
 `text_encoder_sha256` when given), or, with none, a randomly initialised DistilBERT-shaped encoder
-(`text_dim`, `text_layers`, ...) with a WordPiece vocabulary trained on the training sentences by
-`tokenizers`, recorded as `weights: random`. The tokenizer travels in the state dict (extra state),
+(`text_dim`, `text_layers`, ...) with a WordPiece vocabulary learnt from the training sentences
+(BERT's normaliser and pre-tokeniser from `tokenizers`; see `train_wordpiece` for why the vocabulary
+rule is ours), recorded as `weights: random`. The tokenizer travels in the state dict (extra state),
 so evaluation rebuilds exactly the trained model.
 
 Deviations from the official code (none changes the maths): CPU works (masks are buffers); all
@@ -62,16 +63,37 @@ def wordpiece_from_vocab(vocab_file: Path):
 
 
 def train_wordpiece(sentences: list[str], vocab_size: int):
-    """A BERT-style uncased WordPiece vocabulary learnt from `sentences` (deterministic)."""
-    from tokenizers.implementations import BertWordPieceTokenizer
-    from tokenizers.processors import BertProcessing
+    """A BERT-style uncased WordPiece tokenizer whose vocabulary is learnt from `sentences`.
 
-    tok = BertWordPieceTokenizer(lowercase=True)
-    tok.train_from_iterator(sentences, vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS,
-                            show_progress=False)
-    inner = tok._tokenizer
-    inner.post_processor = BertProcessing(("[SEP]", inner.token_to_id("[SEP]")), ("[CLS]", inner.token_to_id("[CLS]")))
-    return inner
+    `tokenizers`' WordPiece trainer is not deterministic across processes (hash-map order breaks
+    ties between equally frequent merges: 9 of 128 tokens differed between two runs on the synthetic
+    set), and a model's vocabulary must be. So the vocabulary is chosen by a fixed rule on the text as
+    BERT's own normaliser and pre-tokeniser (from `tokenizers`) split it: the special tokens, every
+    character both as a word start and as a ## piece (so nothing is [UNK]), then whole words by
+    descending count (ties alphabetical) up to `vocab_size`.
+    """
+    from collections import Counter
+
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
+    words = Counter(w for s in sentences for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(s)))
+    chars = sorted({c for w in words for c in w})
+    vocab = SPECIAL_TOKENS + chars + [f"##{c}" for c in chars]
+    taken = set(vocab)
+    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if word not in taken:
+            vocab.append(word)
+            taken.add(word)
+    if len(vocab) > vocab_size:
+        raise ValueError(f"model.mmn.vocab_size {vocab_size} < the {len(vocab)} special tokens and characters "
+                         "of the training sentences")
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    return BertWordPieceTokenizer({t: i for i, t in enumerate(vocab)}, lowercase=True)._tokenizer
 
 
 class TextEncoder(nn.Module):

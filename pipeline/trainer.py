@@ -117,7 +117,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data import default_collate as torch_default_collate
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import write_bytes
 from pipeline.params import Section
 from pipeline.progress import log, track
 
@@ -503,8 +503,11 @@ CHECKPOINT_RE = re.compile(r"epoch_(\d+)\.pt$")
 
 
 def save_torch(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save, atomically and byte-reproducibly: saving to a file names the zip's inner folder
+    after the (here random, temporary) file name, so serialise in memory first."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getvalue())
 
 
 def load_torch(path: Path) -> Any:

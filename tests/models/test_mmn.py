@@ -327,3 +327,18 @@ def test_candidate_seconds_are_mmn_float32_grid_values():
     grids[:, 1] += 1
     expected = {tuple(w) for w in (grids * 23.7 / 16).tolist()}
     assert valid.all() and {tuple(w) for w in windows[0].tolist()} == expected
+
+
+def test_wordpiece_vocabulary_is_the_same_in_another_process():
+    # tokenizers' own WordPiece trainer gives different vocabularies in different processes
+    import subprocess
+
+    from models.mmn import train_wordpiece
+
+    code = ("from models.mmn import train_wordpiece; import sys; "
+            "print(train_wordpiece(['The white circle grows bigger.', 'a red square moves up!'] * 3, 60).to_str())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=REPO).stdout.strip()
+    here = train_wordpiece(["The white circle grows bigger.", "a red square moves up!"] * 3, 60)
+    assert other == here.to_str()
+    assert here.encode("the white square").tokens == ["[CLS]", "the", "white", "square", "[SEP]"]
