@@ -507,3 +507,25 @@ def test_sentence_feature_conventions():
         assert torch.allclose(words[0, :2], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # L2-normalised words
         assert torch.allclose(words[0, 2], torch.zeros(2))
         assert torch.allclose(sentence[0], torch.nn.functional.normalize(torch.tensor(expected_dir), dim=0), atol=1e-6)
+
+
+@pytest.mark.slow  # ~10-30 s: two epochs, checkpoints, dvclive logs, reload
+def test_trains_and_reloads_under_the_shared_trainer(charades_world):
+    from pipeline.trainer import (
+        _eval_data,
+        fit,
+        load_for_evaluation,
+        predict_and_score,
+        setup_distributed,
+    )
+
+    data = charades_world.data
+    cfg = tiny_config(epochs=2, select_metric="R@1,IoU@0.5")
+    result = fit("mesm", MESM, cfg, data, device="cpu", select_split="test", resume=False)
+    assert result.best_path.exists() and len(result.history) == 2
+    assert "test/R@1,IoU@0.5" in result.history[-1] and "train/loss_rec_ss" in result.history[-1]
+    env = setup_distributed("cpu")
+    model, state = load_for_evaluation(MESM, result.best_path, data, env.device)
+    preds, metrics = predict_and_score(model, _eval_data(model, "test", data), cfg.eval_batch_size, env)
+    assert [p["qid"] for p in preds] == [q.qid for q in data.queries("test")]
+    assert metrics == pytest.approx(state["metrics"])  # the reloaded model predicts what was selected
