@@ -44,6 +44,7 @@ from pipeline.evaluation import MOMENT_THRESHOLDS, evaluate_moments
 from pipeline.features import FeatureFile, load_video
 from pipeline.provenance import weights_record
 from pipeline.trainer import DataContext, GroundingModel, Optimization, StepContext, TrainConfig
+from pipeline.vocab import load_glove_pkl, pos_tagger_name, pos_weights, word_tokenize
 
 LABEL_SMOOTHING = 0.1  # cal_nll_loss's eps
 MIN_WIDTH = 0.1  # the Gaussian's width is clamped below at 0.1 (of the whole video)
@@ -409,8 +410,6 @@ class CNMConfig(TrainConfig):
 def tokenize(sentence: str) -> tuple[list[str], list[int]]:
     """nltk word tokens of a query and their POS weights, with the vocab stage's tokenizer and tagger
     (nltk's tagger when its data is installed, else the documented fallback: pipeline.vocab)."""
-    from pipeline.vocab import pos_weights, word_tokenize
-
     tokens = word_tokenize(sentence)
     return tokens, pos_weights(tokens)
 
@@ -448,8 +447,6 @@ class CNM(GroundingModel):
         """Built from the data (feature file and glove.pkl), or from explicit sizes when `data` is None."""
         super().__init__(cfg, data)
         if data is not None:
-            from pipeline.vocab import load_glove_pkl
-
             self.features = FeatureFile(data.feature_file(cfg.feature))
             self.vocab = Vocabulary(load_glove_pkl(Path(data.vocab_dir) / "glove.pkl"), cfg.vocab_size)
             frame_dim, num_classes = self.features.dim(), self.vocab.num_classes
@@ -592,8 +589,6 @@ class CNM(GroundingModel):
 
     def weights_provenance(self) -> dict[str, str]:
         # CNM trains from scratch: no pretrained weights, only an optional official checkpoint
-        from pipeline.vocab import pos_tagger_name
-
         record = {"pos_tagger": pos_tagger_name()}  # the masking preferences depend on it
         if self.cfg.weights is not None:
             record["cnm_checkpoint"] = weights_record(self.cfg.weights, self.cfg.weights_sha256)
