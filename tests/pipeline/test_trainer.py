@@ -17,10 +17,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _toy import ToyModel, toy_context  # noqa: E402
 
 from pipeline.trainer import (  # noqa: E402
+    Dist,
+    RetrievalModel,
+    TrainConfig,
+    _eval_data,
     checkpoints,
     fit,
     global_batches,
     load_torch,
+    predict_and_score,
+    random_baseline,
     random_grounding_predictions,
     rank_share,
 )
@@ -179,3 +185,44 @@ def test_a_finished_run_rebuilds_a_deleted_best_pt_identically(tmp_path):
     again = load_torch(tmp_path / "run" / "best.pt")
     assert again["epoch"] == best["epoch"] and again["metrics"] == best["metrics"]
     assert all(torch.equal(again["model"][k], best["model"][k]) for k in best["model"])
+
+
+class _ToyRetrieval(RetrievalModel):
+    """Texts and videos embedded as tuples, scored by a pairwise head: exercises the retrieval path."""
+
+    def __init__(self, cfg, data):
+        super().__init__(cfg, data)
+        self.proj = torch.nn.Linear(3, 3)
+
+    def build_eval_datasets(self, split, data):
+        texts = [{"qid": i, "vid": f"v{i % 4}", "x": torch.full((3,), float(i % 4))} for i in range(10)]
+        videos = [{"vid": f"v{j}", "x": torch.full((3,), float(j))} for j in range(4)]
+        return texts, videos
+
+    def collate(self, items):
+        return {"x": torch.stack([it["x"] for it in items]), "vid": [it["vid"] for it in items],
+                "qid": [it.get("qid") for it in items]}
+
+    def encode_text(self, batch):
+        return {"qid": batch["qid"], "vid": batch["vid"], "emb": (batch["x"], batch["x"][:, :1])}
+
+    def encode_video(self, batch):
+        return {"vid": batch["vid"], "emb": (batch["x"], batch["x"][:, :1])}
+
+    def similarity(self, text_emb, video_emb):
+        return -(text_emb[1] - video_emb[1].t()).abs()  # pairwise: 0 on the matching video
+
+    def metrics(self, result):
+        gt = torch.tensor([result.video_vids.index(v) for v in result.text_vids])
+        return {"t2v_R1": float((result.similarity.argmax(dim=1) == gt).float().mean() * 100)}
+
+
+def test_retrieval_prediction_concatenates_tuple_embeddings_in_blocks(tmp_path):
+    model = _ToyRetrieval(TrainConfig(), toy_context(tmp_path / "data", tmp_path / "run"))
+    data = _eval_data(model, "test", None)
+    env = Dist(rank=0, world_size=1, device=torch.device("cpu"))
+    result, metrics = predict_and_score(model, data, batch_size=3, env=env)
+    assert result.similarity.shape == (10, 4) and result.text_qids == list(range(10))
+    assert result.video_vids == ["v0", "v1", "v2", "v3"] and metrics == {"t2v_R1": 100.0}
+    baseline = random_baseline(model, result, data, seed=0)
+    assert baseline["t2v_R1"] < 100.0 and baseline == random_baseline(model, result, data, seed=0)
