@@ -92,15 +92,13 @@ def probe(path: Path) -> dict[str, Any]:
         tb = float(stream.time_base) if stream.time_base else 0.0
         file_start = container.start_time / 1e6 if container.start_time is not None else 0.0
         stream_start = stream.start_time * tb if stream.start_time is not None else file_start
-        rotation = 0
-        if codec not in UNSUPPORTED_CODECS:
-            try:  # the display matrix is exposed on decoded frames
-                frame = next(container.decode(stream), None)
-            except av.error.FFmpegError:
-                frame = False  # decode problems are reported by the decoder below
-            if frame is None:  # decord would fail with a cryptic filter-graph error
-                raise DecodeError("zero frames: the video stream holds no decodable frame")
-            rotation = int(getattr(frame, "rotation", 0) or 0) if frame else 0
+        try:  # the display matrix is exposed on decoded frames
+            frame = next(container.decode(stream), None)
+        except av.error.FFmpegError:
+            frame = False  # decode problems are reported by the decoder below
+        if frame is None:  # decord would fail with a cryptic filter-graph error
+            raise DecodeError("zero frames: the video stream holds no decodable frame")
+        rotation = int(getattr(frame, "rotation", 0) or 0) if frame else 0
         return {
             "codec": codec,
             "width": stream.codec_context.width,
@@ -287,7 +285,7 @@ def decode_video(task: DecodeTask, source_sha256: str | None = None) -> dict[str
     path = Path(task.path)
     store = FrameStore(task.store_root)
     info = probe(path)
-    if info["codec"] in UNSUPPORTED_CODECS:
+    if info["codec"] in UNSUPPORTED_CODECS and task.backend == "decord":
         raise DecodeError(f"unsupported codec '{info['codec']}': {UNSUPPORTED_CODECS[info['codec']]}")
     if task.backend == "pyav" or info["rotation"]:
         reader: DecordReader | PyAVReader = PyAVReader(path, info["rotation"])

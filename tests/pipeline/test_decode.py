@@ -209,3 +209,14 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path):
     result = subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
     assert f"{done_before} already done" in result.stderr
     assert _tree_bytes(out) == clean
+
+
+def test_pyav_backend_decodes_what_decord_cannot(tmp_path, vdir):
+    write_video(vdir / "av1.mp4", frames=40, codec="libsvtav1", width=64, height=64)
+    write_video(vdir / "h264.mp4", frames=40)
+    proto = SamplingProtocol(rule="fps_filter", rate=1.0, **SMALL)
+    summary, store = decode(tmp_path, [proto], backend="pyav")
+    assert summary.decoded == 2 and not summary.failed
+    assert store.read_record("av1")["codec"] == "av1" and store.read_record("av1")["decoder"].startswith("pyav")
+    assert store.load("h264", proto.key).source_index.tolist() == [14]  # round(1.33) = 1 slot: t < 0.5
+    assert [index_of(f) for f in store.load("h264", proto.key).frames] == [14]
