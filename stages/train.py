@@ -6,7 +6,7 @@ from pathlib import Path
 
 from models import MODELS
 from pipeline import provenance
-from pipeline.params import Params, require_files, subset
+from pipeline.params import Params, ParamsError, require_files, subset
 from pipeline.progress import is_rank_zero, log
 from pipeline.trainer import DataContext, fit
 
@@ -44,7 +44,8 @@ def run(params: Params, source: str, model: str) -> None:
     data = data_context(params, model)
     inputs = check_inputs(params, source, model, data)
     if t.select_split is not None and t.select_split not in params.dataset.splits:
-        raise_params(source, f"key 'trainer.select_split': no split '{t.select_split}' in dataset.splits")
+        raise ParamsError(f"{source}: key 'trainer.select_split': no split '{t.select_split}' in dataset.splits "
+                          f"{sorted(params.dataset.splits)}")
     selects_on_eval = t.select_split == params.evaluate.split
     if selects_on_eval:
         log(f"WARNING: model selection on '{t.select_split}', the split evaluate reports (as the seeds did): "
@@ -72,9 +73,3 @@ def run(params: Params, source: str, model: str) -> None:
     )
     provenance.write_record(result.best_path, record)
     log(f"train@{model}: kept epoch {result.best_epoch} -> {result.best_path}")
-
-
-def raise_params(source: str, message: str) -> None:
-    from pipeline.params import ParamsError
-
-    raise ParamsError(f"{source}: {message}")

@@ -78,3 +78,9 @@ def test_evaluate_without_trained_weights_is_a_clear_error(tmp_path):
     params = _params(tmp_path)
     result = CliRunner().invoke(app, ["evaluate", "--model", "mmn", "-p", str(params)])
     assert result.exit_code == 2 and "best.pt" in result.output
+
+
+def test_unknown_selection_split_is_a_params_error(tmp_path):
+    params = _params(tmp_path, select_split="val")
+    result = CliRunner().invoke(app, ["train", "--model", "mmn", "-p", str(params)])
+    assert result.exit_code == 2 and "trainer.select_split" in result.output and "'val'" in result.output
