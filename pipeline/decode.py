@@ -158,6 +158,7 @@ class PyAVReader:
                 stream = c.streams.video[0]
                 tb = float(stream.time_base)
                 start = stream.start_time or 0
+                indexed = stream.frames  # nb_frames from the container's index (0: unknown)
                 pts, durations = [], []
                 for packet in c.demux(stream):
                     if packet.pts is not None and packet.size > 0:
@@ -165,6 +166,8 @@ class PyAVReader:
                         durations.append(packet.duration or 0)
         except Exception as e:
             raise DecodeError(f"PyAV cannot read packets: {_first_line(e)}") from None
+        if indexed and len(pts) < indexed:  # the demuxer stops quietly at the end of a cut file
+            raise DecodeError(f"truncated file: {len(pts)} of the {indexed} indexed frames are present")
         order = np.argsort(pts, kind="stable")
         self._pts = np.asarray(pts, dtype=np.int64)[order]
         dur = np.asarray(durations, dtype=np.float64)[order] * tb

@@ -19,7 +19,7 @@ from pipeline.decode import decode_all, list_videos, run_pool
 from pipeline.framestore import FrameStore
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _videos import index_of, write_video  # noqa: E402
+from _videos import frame_image, index_of, write_video  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CLIP1 = SamplingProtocol(rule="fps_filter", rate=1.0, short_side=224, crop=224)  # Charades clip_len 1
@@ -209,6 +209,31 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path):
     result = subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
     assert f"{done_before} already done" in result.stderr
     assert _tree_bytes(out) == clean
+
+
+def _cut_faststart_mp4(path: Path, frames: int = 90) -> None:
+    """An mp4 with its index at the front (faststart), cut at 60%: the index lists frames that are gone."""
+    import av
+
+    full = path.with_suffix(".full")
+    with av.open(str(full), "w", format="mp4", options={"movflags": "faststart"}) as out:
+        s = out.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            for packet in s.encode(av.VideoFrame.from_ndarray(frame_image(i, 64, 48), format="rgb24")):
+                out.mux(packet)
+        for packet in s.encode():
+            out.mux(packet)
+    data = full.read_bytes()
+    full.unlink()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+
+
+@pytest.mark.parametrize("backend, reason", [("decord", "decord cannot open"), ("pyav", "truncated file: ")])
+def test_file_cut_after_its_index_fails_with_a_reason(tmp_path, vdir, backend, reason):
+    _cut_faststart_mp4(vdir / "cut.mp4")
+    summary, _ = decode(tmp_path, [SamplingProtocol(rule="fps_filter", rate=1.0, **SMALL)], backend=backend)
+    assert list(summary.failed) == ["cut"] and summary.failed["cut"].startswith(reason), summary.failed
 
 
 def test_pyav_backend_decodes_what_decord_cannot(tmp_path, vdir):
