@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +246,39 @@ def test_pyav_backend_decodes_what_decord_cannot(tmp_path, vdir):
     assert store.read_record("av1")["codec"] == "av1" and store.read_record("av1")["decoder"].startswith("pyav")
     assert store.load("h264", proto.key).source_index.tolist() == [14]  # round(1.33) = 1 slot: t < 0.5
     assert [index_of(f) for f in store.load("h264", proto.key).frames] == [14]
+
+
+def test_time_origin_is_the_file_start_not_the_video_start(tmp_path, vdir):
+    """Audio from 0 s, video from 0.5 s (45 frames at 30 fps): FFmpeg's fps filter counts from the file
+    start, so slot 0 (t < 0.5) has no frame yet and repeats the first one; slot 1 keeps t < 1.5."""
+    import av
+
+    with av.open(str(vdir / "late.mp4"), "w") as out:
+        audio = out.add_stream("aac", rate=16000)
+        video = out.add_stream("libx264", rate=1000)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        video.time_base = Fraction(1, 1000)
+        video.options = {"g": "10", "bf": "0"}
+        silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        silence.sample_rate = 16000
+        for i in range(40):
+            silence.pts = i * 1024
+            for packet in audio.encode(silence):
+                out.mux(packet)
+        for packet in audio.encode():
+            out.mux(packet)
+        for i in range(45):
+            frame = av.VideoFrame.from_ndarray(frame_image(i, 64, 48), format="rgb24")
+            frame.pts, frame.time_base = 500 + round(i * 1000 / 30), Fraction(1, 1000)
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode():
+            out.mux(packet)
+    proto = SamplingProtocol(rule="fps_filter", rate=1.0, **SMALL)
+    _, store = decode(tmp_path, [proto])
+    rec = store.read_record("late")
+    assert rec["start_offset"] == 0.5 and rec["duration"] == pytest.approx(2.0, abs=0.01)
+    v = store.load("late", proto.key)
+    assert v.source_index.tolist() == [0, 29]  # frame 30 sits at 0.5 + 1.0 = 1.5: not < 1.5
+    assert v.pts.tolist() == pytest.approx([0.5, 1.467], abs=1e-3)
+    assert [index_of(f) for f in v.frames] == [0, 29]
