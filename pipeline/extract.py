@@ -24,13 +24,14 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from extractors._base import VideoInfo
-from pipeline.atomic import remove_stale_temporaries, write_json, write_npy
+from pipeline.atomic import TMP_PREFIX, write_json, write_npy
 from pipeline.framestore import FrameStore
 
 
@@ -102,7 +103,7 @@ def extract_videos(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir)
+    _remove_own_temporaries(out_dir, video_ids)  # never another shard's files in flight
     if all_video_ids is not None:
         _prune(out_dir, set(all_video_ids))
     key = extractor.protocol().key
@@ -278,6 +279,14 @@ def _read_sidecar(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def _remove_own_temporaries(out_dir: Path, video_ids: list[str]) -> None:
+    """Leftovers of an interrupted run (`pipeline.atomic` names them .tmp-<file>.<random>)."""
+    for vid in video_ids:
+        for name in (f"{vid}.npy", f"{vid}.json"):
+            for f in out_dir.glob(glob_escape(f"{TMP_PREFIX}{name}.") + "*"):
+                f.unlink(missing_ok=True)
 
 
 def _prune(out_dir: Path, keep: set[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pipeline.h5merge import MergeError, export_npz, merge_to_hdf5
@@ -18,7 +19,7 @@ def run(params: Params, source: str, feature: str, **_: object) -> None:
     require_files(source, {"merge.npy_dir": str(src)})
     dim = EXTRACTORS.get(feature).dim if feature in EXTRACTORS else None
     out = Path(p.out_dir) / f"{feature}.h5"
-    upstream = read_record(src) or {}
+    upstream = _upstream_record(src)
     record = make_record(
         f"merge@{feature}",
         subset(params, "merge"),
@@ -39,3 +40,17 @@ def run(params: Params, source: str, feature: str, **_: object) -> None:
     if p.export_npz_dir:
         n = export_npz(out, Path(p.export_npz_dir) / feature)
         log(f"merge {feature}: exported {n} .npz files to {Path(p.export_npz_dir) / feature}")
+
+
+def _upstream_record(src: Path) -> dict:
+    """The extract record: `provenance.json`, or the shard records of a sharded run (weights merged)."""
+    record = read_record(src)
+    if record is not None:
+        return record
+    shards = sorted(src.glob("shard-*-of-*.prov.json"))
+    if not shards:
+        return {}
+    records = [json.loads(p.read_text()) for p in shards]
+    merged = dict(records[0])
+    merged["weights"] = {k: v for r in records for k, v in (r.get("weights") or {}).items()}
+    return merged

@@ -84,3 +84,15 @@ def test_missing_inputs_are_clear_errors(workspace):
     (workspace / "frames" / "manifest.json").write_text('{"videos": {}}')
     result = vmr("extract", "--feature", "clip", "--shard", "3/2", *p, code=2)
     assert "--shard '3/2': need 0 <= i < n" in result.output
+
+
+def test_merge_reads_the_records_of_a_sharded_extract(tmp_path):
+    from stages.merge import _upstream_record
+
+    for i in range(2):
+        (tmp_path / f"shard-{i}-of-2.prov.json").write_text(
+            json.dumps({"stage": "extract@clip", "weights": {"clip": "random"}, "shard": [i, 2]})
+        )
+    record = _upstream_record(tmp_path)
+    assert record["stage"] == "extract@clip" and record["weights"] == {"clip": "random"}
+    assert _upstream_record(tmp_path / "missing") == {}
