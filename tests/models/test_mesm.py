@@ -509,7 +509,6 @@ def test_sentence_feature_conventions():
         assert torch.allclose(sentence[0], torch.nn.functional.normalize(torch.tensor(expected_dir), dim=0), atol=1e-6)
 
 
-@pytest.mark.slow  # ~10-30 s: two epochs, checkpoints, dvclive logs, reload
 def test_trains_and_reloads_under_the_shared_trainer(charades_world):
     from pipeline.trainer import (
         _eval_data,
