@@ -542,3 +542,19 @@ def test_end_to_end_frames_forward_and_backward_reach_the_image_tower(tmp_path):
     model(ids, tmask, video, vmask)["loss"].backward()
     assert model.clip.visual.transformer.resblocks[0].mlp.c_fc.weight.grad.abs().sum() > 0
     assert model.clip.visual.conv1.weight.grad is None  # frozen, as released
+
+
+@pytest.mark.parametrize("name", ["glscl_synthetic.yaml", "glscl_msrvtt.yaml"])
+def test_profiles_validate(name):
+    from pathlib import Path
+
+    import yaml
+
+    profile = yaml.safe_load((Path(__file__).resolve().parents[2] / "profiles" / name).read_text())
+    cfg = GLSCL.Config.model_validate(profile["model"]["glscl"])
+    assert profile["models"] == ["glscl"]
+    if name == "glscl_msrvtt.yaml":  # the published run: everything at the released values
+        assert (cfg.batch_size, cfg.epochs, cfg.lr, cfg.coef_lr, cfg.temperature, cfg.num_queries) == (128, 5, 1e-4, 1e-3, 3.0, 8)
+        assert cfg.input == "frames" and cfg.source == "msrvtt" and cfg.weights_sha256
+        assert (cfg.gim_mask, cfg.decoder_memory_mask, cfg.icl_normalizer, cfg.query_init) == (
+            "after_softmax", False, "num_queries", "uniform")
