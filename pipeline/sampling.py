@@ -2,15 +2,75 @@
 
 Pure functions: given each decoded frame's start time (seconds from the FILE start, the origin FFmpeg's
 filters use) and the video's end time, return which source frame fills each output slot and the time
-window (start, end) the slot stands for. See `extractors._base.SamplingProtocol` for the rules and
+window (start, end) the slot stands for. `SamplingProtocol` (below) documents the rules;
 docs/features.md for where each one comes from.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
+
+Rule = Literal["fps_filter", "uniform", "every_n", "all"]
+
+
+@dataclass(frozen=True)
+class SamplingProtocol:
+    """Which frames of a video an extractor consumes, and at what size.
+
+    Rate rules (all computed from the decoder's per-frame timestamps, never from frame counts):
+    - `fps_filter`: exactly what FFmpeg's `fps=rate` filter (round=near) outputs, as used by the HERO
+      extractor (QVHighlights / Charades SF+C CLIP, SlowFast at 30 fps). Output slot k holds the LAST
+      frame whose time t (from the file start) has round_half_up(t * rate) <= k, i.e. t < (k+0.5)/rate:
+      the middle of the window [k/rate, (k+1)/rate). Count = round_half_up(end * rate) where end is the
+      last frame's pts + duration; slots before the first frame repeat it, gaps repeat the previous
+      frame. `hero_short_video` adds HERO's special case (0 < duration < 1/rate + 0.1 ->
+      rate = 2 / max(int(duration), 1)).
+    - `uniform`: slot k holds the first frame with t >= k/rate (start of the window);
+      count = ceil(end * rate).
+    - `every_n`: source frames 0, n, 2n, ... (CNM "every 8 frames", C3D units).
+    - `all`: every decoded frame.
+
+    Spatial: resize so the short side is `short_side` (0: keep), then centre-crop a `crop` x `crop`
+    square (0: no crop), with `interpolation`; frames are stored uint8 RGB.
+    """
+
+    rule: Rule = "fps_filter"
+    rate: float = 1.0  # output frames per second (fps_filter, uniform)
+    every_n: int = 1  # keep every n-th source frame (every_n)
+    short_side: int = 224
+    crop: int = 224
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    hero_short_video: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rule in ("fps_filter", "uniform") and not self.rate > 0:
+            raise ValueError(f"sampling rule {self.rule} needs rate > 0, got {self.rate}")
+        if self.rule == "every_n" and self.every_n < 1:
+            raise ValueError(f"sampling rule every_n needs every_n >= 1, got {self.every_n}")
+        if self.short_side < 0 or self.crop < 0:
+            raise ValueError("short_side and crop must be >= 0")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def key(self) -> str:
+        """A stable directory name for the frames of this protocol (readable prefix + digest)."""
+        if self.rule in ("fps_filter", "uniform"):
+            rate = f"{self.rate:g}"
+        elif self.rule == "every_n":
+            rate = str(self.every_n)
+        else:
+            rate = "1"
+        digest = hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.rule}-{rate}-s{self.short_side}-c{self.crop}-{digest}"
+
 
 # Frame times come from the decoder as floats (pts * time_base); the rules compare them with slot
 # boundaries such as (k + 0.5) / rate. Rounding t * rate to this many decimals first makes a frame that
