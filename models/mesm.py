@@ -1036,10 +1036,13 @@ class MesmTokenizer:
 # -- data: one item per video (all its queries), MESM's collate ----------------------------------
 
 
-def load_mesm_video(files: list, vid: str, max_video_l: int, use_tef: bool, normalize: bool, truncate_first: bool) -> Tensor:
+def load_mesm_video(files: list, vid: str, max_video_l: int, use_tef: bool, normalize: bool, truncate_first: bool,
+                    standardize: tuple[np.ndarray, np.ndarray] | None = None) -> Tensor:
     """MESM's video loading: per-frame L2 norm, several files truncated to the shortest and
     concatenated, (QVH: cut to max_video_l) else average-pooled to max_video_l when longer (bin edges
-    round(i*T/max_l) clamped to T-1, as MESM's sample_video_feat), then TEF [i/L, (i+1)/L]."""
+    round(i*T/max_l) clamped to T-1, as MESM's sample_video_feat), then TEF [i/L, (i+1)/L].
+    `standardize` = (mean, std) per channel, applied after the concatenation (our option, off in
+    MESM's settings)."""
     from pipeline.features import add_tef, average_to_clips, l2_normalize
 
     arrays = [f[vid] for f in files]
@@ -1049,6 +1052,8 @@ def load_mesm_video(files: list, vid: str, max_video_l: int, use_tef: bool, norm
         arrays = [l2_normalize(a) for a in arrays]
     length = min(len(a) for a in arrays)
     x = np.concatenate([a[:length] for a in arrays], axis=1)
+    if standardize is not None:
+        x = (x - standardize[0]) / standardize[1]
     if len(x) > max_video_l:
         x = average_to_clips(x, max_video_l)
     if use_tef:
@@ -1078,8 +1083,9 @@ class MesmVideoDataset(torch.utils.data.Dataset):
     `_gather_data_by_video_id`; with `max_gather_size > 0` (TACoS) a video's queries are shuffled
     once and split into chunks of at most that many."""
 
-    def __init__(self, queries, files, tokenizer: MesmTokenizer, cfg, train: bool, seed: int):
+    def __init__(self, queries, files, tokenizer: MesmTokenizer, cfg, train: bool, seed: int, standardize=None):
         self.files, self.tokenizer, self.cfg, self.train = files, tokenizer, cfg, train
+        self.standardize = standardize
         self.qvh = cfg.layout == "qvhighlights"
         self.rng = np.random.default_rng(seed)
         groups: dict[str, list] = {}
@@ -1118,7 +1124,7 @@ class MesmVideoDataset(torch.utils.data.Dataset):
         for q in self.items[index]:
             if q.video_id not in videos:
                 videos[q.video_id] = load_mesm_video(self.files, q.video_id, cfg.max_video_l, cfg.use_tef,
-                                                     cfg.normalize_video, truncate_first=self.qvh)
+                                                     cfg.normalize_video, self.qvh, self.standardize)
             video = videos[q.video_id]
             length = len(video)
             rec = {"qid": q.qid, "vid": q.video_id, "duration": float(q.duration), "video": video,
@@ -1214,6 +1220,10 @@ class MESM(GroundingModel):
         max_words_l: int = Field(16, ge=3)
         use_tef: bool = True
         normalize_video: bool = True
+        # Not in MESM (off in every published profile): per-channel standardisation of the video
+        # features with statistics of the training videos, kept in the state dict. Random-init CLIP
+        # features (the synthetic default) share one dominant direction (frame cosine > 0.98).
+        standardize_video: bool = False
         normalize_txt: bool = True
         contra_samples: int = Field(2, ge=1)
         max_gather_size: int = -1  # TACoS: 10 queries per item
@@ -1293,7 +1303,19 @@ class MESM(GroundingModel):
             multi_window=cfg.layout == "qvhighlights", rec_fw=cfg.rec_fw, rec_ss=cfg.rec_ss,
         )
         self.seed = data.seed
+        if cfg.standardize_video:
+            mean, std = self._video_statistics(data)
+            self.register_buffer("video_mean", mean)
+            self.register_buffer("video_std", std)
 
+    def _video_statistics(self, data: DataContext) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and std of the (L2-normalised, concatenated) frames of the training videos."""
+        vids = sorted({q.video_id for q in data.queries("train")})
+        frames = np.concatenate([
+            load_mesm_video(self.files, v, 10**9, False, self.cfg.normalize_video, False).numpy() for v in vids
+        ])
+        mean, std = frames.mean(0, dtype=np.float64), frames.std(0, dtype=np.float64)
+        return torch.from_numpy(mean).float(), torch.from_numpy(np.maximum(std, 1e-6)).float()
     def _text_encoder(self, cfg: Config, data: DataContext) -> tuple[nn.Module, int, dict | None]:
         if cfg.text_encoder == "clip":
             enc = ClipTextEncoder(cfg.max_words_l)
@@ -1346,7 +1368,8 @@ class MESM(GroundingModel):
         return files
 
     def build_dataset(self, split: str, data: DataContext, train: bool) -> MesmVideoDataset:
-        return MesmVideoDataset(data.queries(split), self.files, self.tokenizer, self.cfg, train, data.seed)
+        stats = (self.video_mean.cpu().numpy(), self.video_std.cpu().numpy()) if self.cfg.standardize_video else None
+        return MesmVideoDataset(data.queries(split), self.files, self.tokenizer, self.cfg, train, data.seed, stats)
 
     def collate(self, items: list) -> dict:
         return collate_groups(items)

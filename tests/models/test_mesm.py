@@ -528,3 +528,14 @@ def test_trains_and_reloads_under_the_shared_trainer(charades_world):
     preds, metrics = predict_and_score(model, _eval_data(model, "test", data), cfg.eval_batch_size, env)
     assert [p["qid"] for p in preds] == [q.qid for q in data.queries("test")]
     assert metrics == pytest.approx(state["metrics"])  # the reloaded model predicts what was selected
+
+
+def test_optional_video_standardisation(charades_world):
+    data = charades_world.data
+    model = MESM(tiny_config(standardize_video=True), data)
+    assert {"video_mean", "video_std"} <= set(model.state_dict())  # kept with the weights
+    ds = model.build_dataset("train", data, train=True)
+    frames = torch.cat([rec["video"][:, :12] for i in range(len(ds)) for rec in ds[i][:1]])
+    assert frames.mean(0).abs().max() < 1e-4 and (frames.std(0, unbiased=False) - 1).abs().max() < 1e-3
+    plain = MESM(tiny_config(), data).build_dataset("train", data, train=True)[0][0]["video"]
+    assert torch.allclose(plain[:, :12], torch.nn.functional.normalize(plain[:, :12], dim=1))  # MESM: L2 only
