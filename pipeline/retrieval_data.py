@@ -175,7 +175,7 @@ class FrameClips:
 def glscl_protocol():
     """GLSCL's frames: one per second, the first at or after each whole second (the released decord
     stride round(fps) from frame 0), short side 224 bicubic, centre crop 224."""
-    from extractors._base import SamplingProtocol
+    from pipeline.sampling import SamplingProtocol
 
     return SamplingProtocol(rule="uniform", rate=1.0, short_side=224, crop=224, interpolation="bicubic")
 
