@@ -91,6 +91,8 @@ class DecodeParams(Section):
     recycle_after: int = Field(32, ge=1)  # videos per worker before it is replaced (decord leaks)
     max_failure_share: float = Field(0.0, ge=0, le=1)  # exit non-zero when more videos than this fail
     backend: Literal["decord", "pyav"] = "decord"  # rotated files always go through PyAV
+    # models that train on pixels and need their own frames decoded (GLSCL end to end: [glscl])
+    model_frames: list[str] = Field(default_factory=list)
 
 
 class MergeParams(Section):

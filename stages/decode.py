@@ -10,10 +10,19 @@ from pipeline.progress import log, make_progress
 from pipeline.provenance import make_record, write_record
 
 
-def protocols_for(params: Params) -> list:
+def protocols_for(params: Params, source: str = "params.yaml") -> list:
     from extractors import EXTRACTORS
+    from models import MODELS
 
-    return [EXTRACTORS.get(name)(params.extractor_config(name)).protocol() for name in params.features]
+    protocols = [EXTRACTORS.get(name)(params.extractor_config(name)).protocol() for name in params.features]
+    # Models trained on pixels (GLSCL end to end) declare their own frame protocol.
+    for i, name in enumerate(params.decode.model_frames):
+        model = MODELS.get(name) if name in MODELS else None
+        if model is None or not hasattr(model, "frame_protocol"):
+            raise ParamsError(f"{source}: key 'decode.model_frames.{i}': '{name}' is not a model that "
+                              "reads decoded frames")
+        protocols.append(model.frame_protocol())
+    return protocols
 
 
 def run(params: Params, source: str, **_: object) -> None:
@@ -25,7 +34,7 @@ def run(params: Params, source: str, **_: object) -> None:
         raise ParamsError(f"{source}: key 'decode.video_dir': {e}") from None
     if not videos:
         raise ParamsError(f"{source}: key 'decode.video_dir': no video files in {p.video_dir}")
-    protocols = protocols_for(params)
+    protocols = protocols_for(params, source)
 
     with make_progress() as progress:
         bar = progress.add_task("decode", total=len(videos))

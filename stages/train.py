@@ -11,7 +11,7 @@ from pipeline.progress import is_rank_zero, log
 from pipeline.trainer import DataContext, fit
 
 CODE = ("pipeline/trainer.py", "pipeline/features.py", "pipeline/annotations.py", "pipeline/evaluation.py",
-        "models", "stages/train.py")
+        "pipeline/vocab.py", "pipeline/retrieval_data.py", "models", "stages/train.py")
 
 
 def data_context(params: Params, model: str) -> DataContext:
