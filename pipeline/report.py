@@ -10,7 +10,8 @@ from rich.table import Table
 
 from pipeline.params import Params
 
-HEADLINE = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "R5@0.5", "t2v_R@1", "t2v_R@5", "v2t_R@1")
+HEADLINE = ("R@1,IoU@0.3", "R@1,IoU@0.5", "R@1,IoU@0.7", "R@5,IoU@0.5", "mIoU", "mAP",
+            "t2v_R1", "t2v_R5", "t2v_MdR", "v2t_R1")
 
 
 def collect_metrics(results_dir: Path) -> dict[str, dict]:
@@ -55,7 +56,7 @@ def print_report(params: Params) -> None:
                       f"{params.evaluate.out_dir}/).")
         return
     flat = {m: _flat(v) for m, v in metrics.items()}
-    columns = [c for c in HEADLINE if any(any(k.endswith(c) for k in f) for f in flat.values())]
+    columns = [c for c in HEADLINE if any(any(k.split("/")[-1] == c for k in f) for f in flat.values())]
     mt = Table(title=f"metrics ({params.evaluate.out_dir}/<model>/metrics.json)")
     mt.add_column("model")
     for c in columns:
