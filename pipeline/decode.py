@@ -153,20 +153,23 @@ class PyAVReader:
 
         self.version = f"pyav {av.__version__} (FFmpeg {av.library_versions['libavcodec']})"
         self.path, self.rotation = path, rotation
+        # One demux pass: the packets give the timestamps and are kept (compressed, small) to be decoded
+        # by frames() from this same container: no second open and demux of the file.
+        self._container, self._packets = None, []
         try:
-            with av.open(str(path)) as c:
-                stream = c.streams.video[0]
-                tb = float(stream.time_base)
-                start = stream.start_time or 0
-                indexed = stream.frames  # nb_frames from the container's index (0: unknown)
-                pts, durations = [], []
-                for packet in c.demux(stream):
-                    if packet.pts is not None and packet.size > 0:
-                        pts.append(packet.pts)
-                        durations.append(packet.duration or 0)
+            self._container = av.open(str(path))
+            stream = self._container.streams.video[0]
+            tb = float(stream.time_base)
+            start = stream.start_time or 0
+            indexed = stream.frames  # nb_frames from the container's index (0: unknown)
+            self._packets = list(self._container.demux(stream))  # the last one is the decoder flush
+            pts = [p.pts for p in self._packets if p.pts is not None and p.size > 0]
+            durations = [p.duration or 0 for p in self._packets if p.pts is not None and p.size > 0]
         except Exception as e:
+            self.close()
             raise DecodeError(f"PyAV cannot read packets: {_first_line(e)}") from None
         if indexed and len(pts) < indexed:  # the demuxer stops quietly at the end of a cut file
+            self.close()
             raise DecodeError(f"truncated file: {len(pts)} of the {indexed} indexed frames are present")
         order = np.argsort(pts, kind="stable")
         self._pts = np.asarray(pts, dtype=np.int64)[order]
@@ -181,6 +184,11 @@ class PyAVReader:
     def timestamps(self) -> np.ndarray:
         return self._ts
 
+    def close(self) -> None:
+        self._packets = []
+        if self._container is not None:
+            self._container.close()
+
     def frames(self, indices: np.ndarray) -> Iterator[tuple[int, Any]]:
         """Yields (index, av.VideoFrame): converted to RGB later, at the target size, in one swscale
         pass from the decoder's YUV (what HERO's ffmpeg `scale` filter does)."""
@@ -188,18 +196,18 @@ class PyAVReader:
 
         wanted = {int(self._pts[i]): int(i) for i in indices}
         try:
-            with av.open(str(self.path)) as c:
-                stream = c.streams.video[0]
-                stream.codec_context.thread_count = 1  # parallelism is across videos (workers)
-                for frame in c.decode(stream):
+            self._container.streams.video[0].codec_context.thread_count = 1  # parallelism: across videos
+            for packet in self._packets:  # what container.decode() does, from the kept packets
+                for frame in packet.decode():
                     i = wanted.pop(frame.pts, None) if frame.pts is not None else None
-                    if i is None:
-                        continue
-                    yield i, frame
-                    if not wanted:
-                        break
+                    if i is not None:
+                        yield i, frame
+                if not wanted:
+                    break
         except av.error.FFmpegError as e:
             raise DecodeError(f"PyAV decode error: {_first_line(e)}") from None
+        finally:
+            self.close()
         if wanted:
             raise DecodeError(f"{len(wanted)} selected frames could not be decoded (truncated file?)")
 
@@ -223,14 +231,19 @@ def output_shape(height: int, width: int, proto) -> tuple[int, int, int]:
     return h, w, 3
 
 
-def resize_crop(src: Any, proto, rotation: int = 0) -> np.ndarray:
+def resize_crop(src: Any, proto, rotation: int = 0, reformatter: Any = None) -> np.ndarray:
     """One frame in a protocol's size: uint8 RGB (H, W, 3), upright.
 
     `src` is an upright RGB array (decord) or an `av.VideoFrame` in storage orientation with a display
     rotation (counter-clockwise degrees). Resizing is swscale (PyAV `reformat`) with the protocol's
-    interpolation; the crop is centred at int((size - crop) / 2) as HERO does.
+    interpolation; the crop is centred at int((size - crop) / 2) as HERO does. Pass one
+    `av.video.reformatter.VideoReformatter` per protocol for all frames of a video: it keeps its swscale
+    context (same pixels), where `frame.reformat` builds a new one per frame (about half the cost).
+    One swscale thread: parallelism is across videos, like the decoder's (same pixels either way).
     """
     import av
+
+    reformatter = reformatter or av.video.reformatter.VideoReformatter()
 
     k = (rotation // 90) % 4
     interp = proto.interpolation.upper()
@@ -239,7 +252,7 @@ def resize_crop(src: Any, proto, rotation: int = 0) -> np.ndarray:
         h, w = scaled_size(upright_h, upright_w, proto.short_side)
         sw, sh = (h, w) if k % 2 else (w, h)  # target in storage orientation
         if (sw, sh) != (src.width, src.height):
-            src = src.reformat(width=sw, height=sh, format="rgb24", interpolation=interp)
+            src = reformatter.reformat(src, width=sw, height=sh, format="rgb24", interpolation=interp, threads=1)
         img = src.to_ndarray(format="rgb24")
         if k:
             img = np.rot90(img, k)
@@ -248,7 +261,8 @@ def resize_crop(src: Any, proto, rotation: int = 0) -> np.ndarray:
         h, w = scaled_size(img.shape[0], img.shape[1], proto.short_side)
         if (h, w) != img.shape[:2]:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-            img = frame.reformat(width=w, height=h, interpolation=interp).to_ndarray(format="rgb24")
+            img = reformatter.reformat(frame, width=w, height=h, interpolation=interp, threads=1)
+            img = img.to_ndarray(format="rgb24")
     if proto.crop:
         if h < proto.crop or w < proto.crop:
             raise DecodeError(f"frame {w}x{h} is smaller than the {proto.crop}x{proto.crop} crop")
@@ -285,6 +299,8 @@ def run_task(task: DecodeTask) -> str:
 
 def decode_video(task: DecodeTask, source_sha256: str | None = None) -> dict[str, Any]:
     """Decode one video for every protocol; returns its record (status ok). Raises DecodeError."""
+    import av.video.reformatter
+
     path = Path(task.path)
     store = FrameStore(task.store_root)
     info = probe(path)
@@ -323,13 +339,14 @@ def decode_video(task: DecodeTask, source_sha256: str | None = None) -> dict[str
         for key, (proto, idx, _, _) in selections.items():
             tmp = stack.enter_context(atomic_path(store.frames_path(key, task.video_id)))
             writers[key] = stack.enter_context(_NpyWriter(tmp, (len(idx), *output_shape(*upright, proto))))
+        reformatters = {key: av.video.reformatter.VideoReformatter() for key in selections}
         seen = set()
         for i, src in reader.frames(needed):
             seen.add(i)
             done: dict[str, np.ndarray] = {}
             for key, j in slots[i]:
                 if key not in done:
-                    done[key] = resize_crop(src, selections[key][0], info["rotation"])
+                    done[key] = resize_crop(src, selections[key][0], info["rotation"], reformatters[key])
                 writers[key].write(j, done[key])
         missing = [int(i) for i in needed if int(i) not in seen]
         if missing:
