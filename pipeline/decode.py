@@ -42,6 +42,7 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".m
 # Codecs the decord 0.6 wheel cannot decode (it bundles FFmpeg 4.1 without dav1d/libaom).
 UNSUPPORTED_CODECS = {"av1": "the decord 0.6 wheel (FFmpeg 4.1) has no AV1 decoder; re-encode to H.264"}
 CHUNK = 64  # frames per decord get_batch call (bounds memory on long videos)
+KEEP_PACKETS_MAX_BYTES = 256 << 20  # PyAV backend: files up to this size are demuxed once, held in memory
 _PROTOCOL_DIR = re.compile(r"^(fps_filter|uniform|every_n|all)-.+-[0-9a-f]{8}$")  # SamplingProtocol.key
 _DECIMALS = 6  # timestamps are stored rounded to 1 us: stable JSON, far below any frame interval
 
@@ -153,18 +154,27 @@ class PyAVReader:
 
         self.version = f"pyav {av.__version__} (FFmpeg {av.library_versions['libavcodec']})"
         self.path, self.rotation = path, rotation
-        # One demux pass: the packets give the timestamps and are kept (compressed, small) to be decoded
-        # by frames() from this same container: no second open and demux of the file.
-        self._container, self._packets = None, []
+        # The demuxed packets give the timestamps; they are kept (compressed: at most the file size) so
+        # that frames() decodes them from this same container without a second open and demux, except
+        # for files above KEEP_PACKETS_MAX_BYTES, which frames() demuxes again (bounded memory).
+        self._container, self._packets = None, None
+        pts, durations = [], []
         try:
+            keep = path.stat().st_size <= KEEP_PACKETS_MAX_BYTES
+            self._packets = [] if keep else None
             self._container = av.open(str(path))
             stream = self._container.streams.video[0]
             tb = float(stream.time_base)
             start = stream.start_time or 0
             indexed = stream.frames  # nb_frames from the container's index (0: unknown)
-            self._packets = list(self._container.demux(stream))  # the last one is the decoder flush
-            pts = [p.pts for p in self._packets if p.pts is not None and p.size > 0]
-            durations = [p.duration or 0 for p in self._packets if p.pts is not None and p.size > 0]
+            for packet in self._container.demux(stream):  # the last packet is the decoder flush
+                if keep:
+                    self._packets.append(packet)
+                if packet.pts is not None and packet.size > 0:
+                    pts.append(packet.pts)
+                    durations.append(packet.duration or 0)
+            if not keep:
+                self.close()
         except Exception as e:
             self.close()
             raise DecodeError(f"PyAV cannot read packets: {_first_line(e)}") from None
@@ -185,9 +195,11 @@ class PyAVReader:
         return self._ts
 
     def close(self) -> None:
-        self._packets = []
+        if self._packets:
+            self._packets = []
         if self._container is not None:
             self._container.close()
+            self._container = None
 
     def frames(self, indices: np.ndarray) -> Iterator[tuple[int, Any]]:
         """Yields (index, av.VideoFrame): converted to RGB later, at the target size, in one swscale
@@ -196,8 +208,12 @@ class PyAVReader:
 
         wanted = {int(self._pts[i]): int(i) for i in indices}
         try:
+            packets = self._packets
+            if packets is None:  # a large file: demux it again
+                self._container = av.open(str(self.path))
+                packets = self._container.demux(self._container.streams.video[0])
             self._container.streams.video[0].codec_context.thread_count = 1  # parallelism: across videos
-            for packet in self._packets:  # what container.decode() does, from the kept packets
+            for packet in packets:  # what container.decode() does
                 for frame in packet.decode():
                     i = wanted.pop(frame.pts, None) if frame.pts is not None else None
                     if i is not None:
