@@ -282,3 +282,19 @@ def test_time_origin_is_the_file_start_not_the_video_start(tmp_path, vdir):
     assert v.source_index.tolist() == [0, 29]  # frame 30 sits at 0.5 + 1.0 = 1.5: not < 1.5
     assert v.pts.tolist() == pytest.approx([0.5, 1.467], abs=1e-3)
     assert [index_of(f) for f in v.frames] == [0, 29]
+
+
+def test_pyav_reader_large_file_path_gives_the_same_frames(tmp_path, vdir, monkeypatch):
+    """Files above KEEP_PACKETS_MAX_BYTES are demuxed again instead of held in memory: same output."""
+    import pipeline.decode as decode_mod
+
+    write_video(vdir / "v.mp4", frames=45, width=80, height=60, rotation=90)
+    protos = (SamplingProtocol(rule="fps_filter", rate=3.0, **SMALL), SamplingProtocol(rule="all", **SMALL))
+    outputs = []
+    for cap in (decode_mod.KEEP_PACKETS_MAX_BYTES, 0):
+        monkeypatch.setattr(decode_mod, "KEEP_PACKETS_MAX_BYTES", cap)
+        root = tmp_path / f"store-{cap}"
+        assert decode_mod.run_task(decode_mod.DecodeTask("v", str(vdir / "v.mp4"), str(root), protos, "pyav")) == "decoded"
+        outputs.append([(root / p.key / "v.npy").read_bytes() for p in protos] + [(root / "videos" / "v.json").read_text()])
+    assert outputs[0] == outputs[1]
+    assert len(np.load(tmp_path / f"store-0/{protos[1].key}/v.npy")) == 45
