@@ -94,14 +94,15 @@ def lock_stages(root: Path) -> dict:
 
 def descendants(lock: dict, start: str) -> set[str]:
     """`start` and every stage that (transitively) depends on one of its outputs."""
-    def under(dep: str, out: str) -> bool:
-        return dep == out or dep.startswith(out.rstrip("/") + "/")
+    def overlaps(dep: str, out: str) -> bool:  # equal, or one inside the other (a dir dep holds the out)
+        dep, out = dep.rstrip("/"), out.rstrip("/")
+        return dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")
 
     found, frontier = {start}, [start]
     while frontier:
         outs = [o["path"] for o in lock[frontier.pop()].get("outs", [])]
         for name, stage in lock.items():
-            if name not in found and any(under(d["path"], o) for d in stage.get("deps", []) for o in outs):
+            if name not in found and any(overlaps(d["path"], o) for d in stage.get("deps", []) for o in outs):
                 found.add(name)
                 frontier.append(name)
     return found
