@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,11 +27,11 @@ app = typer.Typer(
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (YAML).")]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", help="override a param: KEY=VALUE (dotted key, YAML value); repeatable."),
 ]
 ProfileOpt = Annotated[
-    Optional[list[Path]],
+    list[Path] | None,
     typer.Option("--profile", help="partial params file merged over --params; repeatable."),
 ]
 
@@ -96,7 +96,7 @@ def extract(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     profile: ProfileOpt = None,
-    shard: Annotated[Optional[str], typer.Option(help="i/n: process shard i of n (default: torchrun env or 0/1).")] = None,
+    shard: Annotated[str | None, typer.Option(help="i/n: process shard i of n (default: torchrun env or 0/1).")] = None,
 ) -> None:
     """Extract per-video features with one extractor.
 
@@ -215,11 +215,11 @@ def score(
     annotations: Annotated[Path, typer.Option(help="ground-truth annotation file.")],
     dataset: Annotated[str, typer.Option(help="dataset convention: qvhighlights, charades_sta, tacos, activitynet, msrvtt, ...")],
     split: Annotated[str, typer.Option(help="split name (recorded; QVHighlights test has no labels).")] = "test",
-    format: Annotated[Optional[str], typer.Option(help="annotation parser (default: the dataset's).")] = None,
-    durations: Annotated[Optional[list[Path]], typer.Option(help="Charades_v1_*.csv duration files (charades_sta format); repeatable.")] = None,
+    format: Annotated[str | None, typer.Option(help="annotation parser (default: the dataset's).")] = None,
+    durations: Annotated[list[Path] | None, typer.Option(help="Charades_v1_*.csv duration files (charades_sta format); repeatable.")] = None,
     cleaning: Annotated[str, typer.Option(help="cleaning policy of the annotations: none, mmn, mesm, cnm.")] = "none",
-    nms: Annotated[Optional[float], typer.Option(help="MMN NMS threshold for R@n (default: none).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="metrics JSON (default: PREDICTIONS.metrics.json).")] = None,
+    nms: Annotated[float | None, typer.Option(help="MMN NMS threshold for R@n (default: none).")] = None,
+    out: Annotated[Path | None, typer.Option(help="metrics JSON (default: PREDICTIONS.metrics.json).")] = None,
 ) -> None:
     """Score any predictions file, ours or another repository's, and print the metrics table.
 

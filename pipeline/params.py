@@ -45,7 +45,7 @@ class SynthParams(Section):
     glove_dim: int = Field(300, ge=1)
 
     @model_validator(mode="after")
-    def _ranges(self) -> "SynthParams":
+    def _ranges(self) -> SynthParams:
         if self.max_duration < self.min_duration:
             raise ValueError("max_duration must be >= min_duration")
         if self.max_events < self.min_events:
