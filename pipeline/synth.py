@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import csv
 import functools
+import math
+import multiprocessing
 import io
 import json
 import shutil
@@ -254,22 +256,31 @@ def shape_states_at(plan: VideoPlan, t: float) -> list[tuple[ShapeState, float, 
 
 def _background(plan: VideoPlan) -> np.ndarray:
     rng = np.random.default_rng(plan.background_seed)
-    yy, xx = np.mgrid[0 : plan.height, 0 : plan.width].astype(np.float64)  # float64: see rgb_to_yuv420p
     fx, fy, phase = rng.uniform(0.02, 0.08), rng.uniform(0.02, 0.08), rng.uniform(0, 6.28)
-    texture = 0.5 + 0.25 * np.sin(fx * xx + phase) * np.cos(fy * yy) + 0.1 * np.sin(0.3 * (xx + yy))
+    # Transcendentals from Python's scalar libm on 1-D tables: numpy's SIMD sin/cos may round the
+    # last bit differently depending on buffer alignment, and the videos' bytes must not.
+    xs, ys = range(plan.width), range(plan.height)
+    sin_x = np.array([math.sin(fx * x + phase) for x in xs])
+    cos_y = np.array([math.cos(fy * y) for y in ys])
+    diag = np.array([math.sin(0.3 * d) for d in range(plan.width + plan.height)])
+    yy, xx = np.mgrid[0 : plan.height, 0 : plan.width]
+    texture = 0.5 + 0.25 * cos_y[:, None] * sin_x[None, :] + 0.1 * diag[xx + yy]
     tint = rng.uniform(60, 120, size=3)
     return np.clip(texture[..., None] * tint[None, None, :], 0, 255).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4)
 def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)  # float64: see _shape_mask
     return yy, xx
 
 
 def _shape_mask(shape: str, x: float, y: float, r: float, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
     if shape == "circle":
-        return (xx - x) ** 2 + (yy - y) ** 2 <= r * r
+        # explicit products: numpy's float32 `** 2` rounded differently with buffer alignment,
+        # which flipped edge pixels between runs
+        dx, dy = xx - x, yy - y
+        return dx * dx + dy * dy <= r * r
     if shape == "square":
         return (np.abs(xx - x) <= r) & (np.abs(yy - y) <= r)
     # upright triangle inside the square of half-size r
@@ -375,7 +386,11 @@ def caption_words(plans: list[VideoPlan]) -> list[str]:
 # -- the whole dataset -----------------------------------------------------------------------------
 
 
-def generate(cfg: SynthConfig, out_dir: str | Path) -> dict:
+def _write_job(job: tuple[VideoPlan, Path]) -> None:
+    write_video(*job)
+
+
+def generate(cfg: SynthConfig, out_dir: str | Path, workers: int = 2) -> dict:
     """Write the dataset into `out_dir` (replaced atomically: built in a sibling temp dir)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
@@ -384,8 +399,14 @@ def generate(cfg: SynthConfig, out_dir: str | Path) -> dict:
     (tmp / "videos").mkdir(parents=True)
     (tmp / "annotations").mkdir()
     plans = [plan_video(cfg, vid, split, i) for i, (vid, split) in enumerate(video_ids(cfg))]
-    for p in track(plans, "Rendering synthetic videos"):
-        write_video(p, tmp / "videos" / f"{p.vid}.mp4")
+    # One fresh process per video: x264 inside PyAV carried state from one encode to the next, so
+    # the second and later videos of a process could differ between runs; a video encoded first in
+    # its process always came out byte-identical. Two processes also use both cores.
+    ctx = multiprocessing.get_context("spawn")
+    jobs = [(p, tmp / "videos" / f"{p.vid}.mp4") for p in plans]
+    with ctx.Pool(processes=workers, maxtasksperchild=1) as pool:
+        for _ in track(pool.imap_unordered(_write_job, jobs), "Rendering synthetic videos", total=len(jobs)):
+            pass
     for split in ("train", "test"):
         part = [p for p in plans if p.split == split]
         (tmp / "annotations" / f"charades_sta_{split}.txt").write_text(sta_lines(part))
