@@ -399,9 +399,10 @@ def generate(cfg: SynthConfig, out_dir: str | Path, workers: int = 2) -> dict:
     (tmp / "videos").mkdir(parents=True)
     (tmp / "annotations").mkdir()
     plans = [plan_video(cfg, vid, split, i) for i, (vid, split) in enumerate(video_ids(cfg))]
-    # One fresh process per video: x264 inside PyAV carried state from one encode to the next, so
-    # the second and later videos of a process could differ between runs; a video encoded first in
-    # its process always came out byte-identical. Two processes also use both cores.
+    # Videos are rendered in parallel, one fresh process each (both cores). The frames are bit-exact
+    # from run to run; x264 inside PyAV is not always (it carried state from one encode to the next
+    # in a process, and even fresh processes now and then produce other bytes), so the synth stage
+    # is marked non-deterministic in dvc.yaml and the lineage check compares what follows it.
     ctx = multiprocessing.get_context("spawn")
     jobs = [(p, tmp / "videos" / f"{p.vid}.mp4") for p in plans]
     with ctx.Pool(processes=workers, maxtasksperchild=1) as pool:
