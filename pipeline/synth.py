@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import csv
 import functools
-import math
-import multiprocessing
 import io
 import json
+import math
+import multiprocessing
 import shutil
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
