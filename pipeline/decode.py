@@ -1,14 +1,16 @@
 """Decode every raw video once into the frame store (see pipeline/framestore.py for the layout).
 
 Per video (in a worker process):
-1. probe the container with PyAV: codec, file/stream start times, rotation, stream duration;
+1. probe the container with PyAV: codec, file/stream start times, rotation, stream duration (the
+   `pyav` backend does this in the same open and demux pass that reads the timestamps);
 2. read every frame's timestamp (decord: `get_frame_timestamp`, relative to the video stream's start,
    shifted to the FILE start, which is the time origin of FFmpeg's fps filter);
 3. apply each requested `SamplingProtocol` rule to the timestamps (pipeline/sampling.py);
-4. decode only the union of the selected frames (sorted, in chunks), resize the short side and centre
-   crop with swscale (PyAV `reformat`: bilinear like HERO's ffmpeg `scale`, or bicubic), and write one
+4. decode only the union of the selected frames (sorted, in chunks; the `pyav` backend also lets the
+   decoder drop the non-reference frames it does not keep), resize the short side and centre crop
+   with swscale (PyAV `reformat`: bilinear like HERO's ffmpeg `scale`, or bicubic), and write one
    uint8 array per protocol;
-5. return the per-video record; the parent writes it last, as the "done" marker.
+5. write the per-video record last, as the "done" marker.
 
 decord 0.6 leaks memory per reader and can deadlock holding the GIL (dmlc/decord#373), so videos run
 in worker processes with a per-video timeout (the worker is killed and replaced) and each worker is
@@ -43,6 +45,10 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".m
 UNSUPPORTED_CODECS = {"av1": "the decord 0.6 wheel (FFmpeg 4.1) has no AV1 decoder; re-encode to H.264"}
 CHUNK = 64  # frames per decord get_batch call (bounds memory on long videos)
 KEEP_PACKETS_MAX_BYTES = 256 << 20  # PyAV backend: files up to this size are demuxed once, held in memory
+# PyAV backend: codecs whose decoder, told to skip non-reference frames (AVDISCARD_NONREF), skips only
+# frames that no other frame refers to. Not HEVC: its "sub-layer non-reference" pictures may be
+# referenced from higher temporal sub-layers (e.g. high-frame-rate phone videos).
+SKIP_NONREF_CODECS = {"h264", "mpeg1video", "mpeg2video", "mpeg4", "vp8", "vp9"}
 _PROTOCOL_DIR = re.compile(r"^(fps_filter|uniform|every_n|all)-.+-[0-9a-f]{8}$")  # SamplingProtocol.key
 _DECIMALS = 6  # timestamps are stored rounded to 1 us: stable JSON, far below any frame interval
 
@@ -75,8 +81,8 @@ def sha256_of(path: Path) -> str:
 # -- probing and reading ----------------------------------------------------------------------------
 
 
-def probe(path: Path) -> dict[str, Any]:
-    """Container facts from PyAV: codec, start offset of the video stream, rotation, durations."""
+def _open_video(path: Path) -> tuple[Any, Any]:
+    """(container, first video stream) opened with PyAV; DecodeError with the reason otherwise."""
     import av
 
     try:
@@ -85,32 +91,54 @@ def probe(path: Path) -> dict[str, Any]:
         raise DecodeError(f"unreadable container: {e.strerror or e}") from None
     except OSError as e:
         raise DecodeError(f"cannot open: {e}") from None
+    if not container.streams.video:
+        container.close()
+        raise DecodeError("no video stream")
+    stream = container.streams.video[0]
+    stream.codec_context.thread_count = 1  # parallelism is across videos (one thread: same pixels)
+    return container, stream
+
+
+def _stream_facts(container: Any, stream: Any) -> dict[str, Any]:
+    """Codec, size, start offset of the video stream from the file start, rate and durations."""
+    tb = float(stream.time_base) if stream.time_base else 0.0
+    file_start = container.start_time / 1e6 if container.start_time is not None else 0.0
+    stream_start = stream.start_time * tb if stream.start_time is not None else file_start
+    return {
+        "codec": stream.codec_context.codec.canonical_name,  # "av1", not the decoder ("libdav1d")
+        "width": stream.codec_context.width,
+        "height": stream.codec_context.height,
+        "rotation": 0,  # set from the first decoded frame (the display matrix is exposed there)
+        "avg_fps": float(stream.average_rate) if stream.average_rate else None,
+        # HERO's ffprobe-based duration is -1 without nb_frames (mkv/webm/ts): None here
+        "stream_duration": stream.duration * tb if stream.duration and stream.frames else None,
+        "nb_frames": stream.frames,
+        "start_offset": round(stream_start - file_start, _DECIMALS),
+    }
+
+
+def _rotation(frame: Any) -> int:
+    return int(getattr(frame, "rotation", 0) or 0) % 360
+
+
+ZERO_FRAMES = "zero frames: the video stream holds no decodable frame"
+
+
+def probe(path: Path) -> dict[str, Any]:
+    """Container facts from PyAV for the decord backend: `_stream_facts` plus the display rotation."""
+    import av
+
+    container, stream = _open_video(path)
     with container:
-        if not container.streams.video:
-            raise DecodeError("no video stream")
-        stream = container.streams.video[0]
-        codec = stream.codec_context.codec.canonical_name  # "av1", not the decoder ("libdav1d")
-        tb = float(stream.time_base) if stream.time_base else 0.0
-        file_start = container.start_time / 1e6 if container.start_time is not None else 0.0
-        stream_start = stream.start_time * tb if stream.start_time is not None else file_start
+        info = _stream_facts(container, stream)
         try:  # the display matrix is exposed on decoded frames
             frame = next(container.decode(stream), None)
         except av.error.FFmpegError:
             frame = False  # decode problems are reported by the decoder below
         if frame is None:  # decord would fail with a cryptic filter-graph error
-            raise DecodeError("zero frames: the video stream holds no decodable frame")
-        rotation = int(getattr(frame, "rotation", 0) or 0) if frame else 0
-        return {
-            "codec": codec,
-            "width": stream.codec_context.width,
-            "height": stream.codec_context.height,
-            "rotation": rotation % 360,
-            "avg_fps": float(stream.average_rate) if stream.average_rate else None,
-            # HERO's ffprobe-based duration is -1 without nb_frames (mkv/webm/ts): None here
-            "stream_duration": stream.duration * tb if stream.duration and stream.frames else None,
-            "nb_frames": stream.frames,
-            "start_offset": round(stream_start - file_start, _DECIMALS),
-        }
+            raise DecodeError(ZERO_FRAMES)
+        info["rotation"] = _rotation(frame) if frame else 0
+        return info
 
 
 class DecordReader:
@@ -144,43 +172,63 @@ class DecordReader:
         self.vr.seek(0)  # stops decord's background decoding (dmlc/decord#157)
 
 
+class _KeptFrameSkipped(Exception):
+    """A kept frame did not come out of a decoder told to skip the frames nobody needs."""
+
+
 class PyAVReader:
-    """Same interface via PyAV: used for rotated videos (decord mis-shapes them) or on request."""
+    """Container facts, timestamps and the selected frames from one PyAV open and demux.
+
+    Used for `backend: pyav`, and for rotated videos with either backend (decord mis-shapes them).
+    The demuxed packets give the timestamps; they are kept (compressed: at most the file size) so that
+    `frames()` decodes them from this same container, except for files above KEEP_PACKETS_MAX_BYTES,
+    which `frames()` demuxes again (bounded memory). The demux pass also decodes up to the first
+    frame: its display rotation is `info["rotation"]`, and a stream without one has zero frames.
+    """
 
     name = "pyav"
 
-    def __init__(self, path: Path, rotation: int = 0):
+    def __init__(self, path: Path):
         import av
 
         self.version = f"pyav {av.__version__} (FFmpeg {av.library_versions['libavcodec']})"
-        self.path, self.rotation = path, rotation
-        # The demuxed packets give the timestamps; they are kept (compressed: at most the file size) so
-        # that frames() decodes them from this same container without a second open and demux, except
-        # for files above KEEP_PACKETS_MAX_BYTES, which frames() demuxes again (bounded memory).
-        self._container, self._packets = None, None
+        self.path = path
+        self._container, stream = _open_video(path)
+        self._resume: tuple[list, list] | None = None  # (packets not yet decoded, frames not yet yielded)
         pts, durations = [], []
         try:
-            keep = path.stat().st_size <= KEEP_PACKETS_MAX_BYTES
-            self._packets = [] if keep else None
-            self._container = av.open(str(path))
-            stream = self._container.streams.video[0]
+            self.info = _stream_facts(self._container, stream)
             tb = float(stream.time_base)
             start = stream.start_time or 0
             indexed = stream.frames  # nb_frames from the container's index (0: unknown)
+            keep = path.stat().st_size <= KEEP_PACKETS_MAX_BYTES
+            packets, first, fed = [], None, 0  # first: decoded frames of the first packet that gave any
             for packet in self._container.demux(stream):  # the last packet is the decoder flush
                 if keep:
-                    self._packets.append(packet)
+                    packets.append(packet)
+                if first is None:
+                    fed += 1
+                    try:
+                        first = packet.decode() or None
+                    except av.error.FFmpegError:
+                        first = False  # decode problems are reported by frames()
                 if packet.pts is not None and packet.size > 0:
                     pts.append(packet.pts)
                     durations.append(packet.duration or 0)
-            if not keep:
-                self.close()
         except Exception as e:
             self.close()
             raise DecodeError(f"PyAV cannot read packets: {_first_line(e)}") from None
+        if first is None:
+            self.close()
+            raise DecodeError(ZERO_FRAMES)
         if indexed and len(pts) < indexed:  # the demuxer stops quietly at the end of a cut file
             self.close()
             raise DecodeError(f"truncated file: {len(pts)} of the {indexed} indexed frames are present")
+        self.info["rotation"] = _rotation(first[0]) if first else 0
+        if keep and first:  # frames() goes on decoding from here
+            self._resume = (packets[fed:], first)
+        else:
+            self.close()
         order = np.argsort(pts, kind="stable")
         self._pts = np.asarray(pts, dtype=np.int64)[order]
         dur = np.asarray(durations, dtype=np.float64)[order] * tb
@@ -195,37 +243,77 @@ class PyAVReader:
         return self._ts
 
     def close(self) -> None:
-        if self._packets:
-            self._packets = []
+        self._resume = None
         if self._container is not None:
             self._container.close()
             self._container = None
 
     def frames(self, indices: np.ndarray) -> Iterator[tuple[int, Any]]:
-        """Yields (index, av.VideoFrame): converted to RGB later, at the target size, in one swscale
-        pass from the decoder's YUV (what HERO's ffmpeg `scale` filter does)."""
+        """Yields (index, av.VideoFrame) in presentation order: converted to RGB later, at the target
+        size, in one swscale pass from the decoder's YUV (what HERO's ffmpeg `scale` filter does).
+
+        The decoder skips the non-reference frames that are not kept (`skip_frame` NONREF, per
+        packet): no other frame is predicted from them, so the kept frames' pixels are the same, and
+        with B-frames (x264's default) about half the frames need no decoding. Should a kept frame not
+        come out that way (a packet holding several frames, frames out of order), the video is
+        decoded again from the start without skipping.
+        """
         import av
 
         wanted = {int(self._pts[i]): int(i) for i in indices}
         try:
-            packets = self._packets
-            if packets is None:  # a large file: demux it again
-                self._container = av.open(str(self.path))
-                packets = self._container.demux(self._container.streams.video[0])
-            self._container.streams.video[0].codec_context.thread_count = 1  # parallelism: across videos
-            for packet in packets:  # what container.decode() does
-                for frame in packet.decode():
-                    i = wanted.pop(frame.pts, None) if frame.pts is not None else None
-                    if i is not None:
-                        yield i, frame
-                if not wanted:
-                    break
+            try:
+                yield from self._decode(wanted, skip_unneeded=self.info["codec"] in SKIP_NONREF_CODECS)
+            except _KeptFrameSkipped:
+                yield from self._decode(wanted, skip_unneeded=False)
         except av.error.FFmpegError as e:
             raise DecodeError(f"PyAV decode error: {_first_line(e)}") from None
         finally:
             self.close()
         if wanted:
             raise DecodeError(f"{len(wanted)} selected frames could not be decoded (truncated file?)")
+
+    @staticmethod
+    def _skip_level(packet: Any, wanted: dict[int, int]) -> str:
+        """The decoder may drop the frame of this packet if it is not kept and no frame refers to it."""
+        return "DEFAULT" if packet.pts is None or packet.pts in wanted else "NONREF"
+
+    def _decode(self, wanted: dict[int, int], skip_unneeded: bool) -> Iterator[tuple[int, Any]]:
+        """Yield and pop the `wanted` (pts -> index) frames, decoding on from where the constructor
+        stopped, or from a fresh open of the file."""
+        if not wanted:
+            return
+        if self._resume is not None:
+            (packets, ready), self._resume = self._resume, None
+        else:
+            self.close()
+            self._container, stream = _open_video(self.path)
+            packets, ready = self._container.demux(stream), []
+        codec = self._container.streams.video[0].codec_context
+
+        def decoded() -> Iterator[Any]:
+            yield from ready
+            for packet in packets:  # what container.decode() does
+                if skip_unneeded:
+                    codec.skip_frame = self._skip_level(packet, wanted)
+                yield from packet.decode()
+
+        pending, j = sorted(wanted), 0  # frames leave the decoder in presentation order
+        for frame in decoded():
+            if frame.pts is None:
+                continue
+            i = wanted.pop(frame.pts, None)
+            if i is not None:
+                yield i, frame
+                if not wanted:
+                    return
+            elif skip_unneeded:
+                while pending[j] not in wanted:
+                    j += 1
+                if frame.pts > pending[j]:
+                    raise _KeptFrameSkipped
+        if wanted and skip_unneeded:
+            raise _KeptFrameSkipped
 
 
 def scaled_size(height: int, width: int, short_side: int) -> tuple[int, int]:
@@ -319,13 +407,15 @@ def decode_video(task: DecodeTask, source_sha256: str | None = None) -> dict[str
 
     path = Path(task.path)
     store = FrameStore(task.store_root)
-    info = probe(path)
-    if info["codec"] in UNSUPPORTED_CODECS and task.backend == "decord":
-        raise DecodeError(f"unsupported codec '{info['codec']}': {UNSUPPORTED_CODECS[info['codec']]}")
-    if task.backend == "pyav" or info["rotation"]:
-        reader: DecordReader | PyAVReader = PyAVReader(path, info["rotation"])
+    reader: DecordReader | PyAVReader
+    if task.backend == "pyav":  # one open: facts, timestamps and frames
+        reader = PyAVReader(path)
+        info = reader.info
     else:
-        reader = DecordReader(path)
+        info = probe(path)
+        if info["codec"] in UNSUPPORTED_CODECS:
+            raise DecodeError(f"unsupported codec '{info['codec']}': {UNSUPPORTED_CODECS[info['codec']]}")
+        reader = PyAVReader(path) if info["rotation"] else DecordReader(path)
     ts = reader.timestamps()
     if len(ts) == 0:
         raise DecodeError("zero frames")
@@ -468,14 +558,21 @@ def run_pool(
     workers: int,
     timeout_s: float,
     recycle_after: int,
+    preload: tuple[str, ...] = (),
 ) -> Iterator[PoolResult]:
     """Run `fn(task)` in `workers` processes; yields results as they finish (any order).
 
     A task running longer than `timeout_s` gets its worker killed (SIGKILL: a deadlocked decord thread
     holds the GIL and cannot be interrupted) and reported as failed; a worker that dies is replaced; a
     worker is retired after `recycle_after` tasks.
+
+    Workers are forked from multiprocessing's fork server: a fresh single-threaded Python process
+    (nothing inherited from the parent: no decord/torch state, no threads), started once per parent
+    process, that has imported the main module and `preload`. Starting or replacing a worker then
+    costs a fork instead of a new interpreter plus its imports (0.2-0.35 s of CPU each).
     """
-    ctx = mp.get_context("spawn")  # no inherited decord/torch state; safe with threads in the parent
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", *preload])  # no effect once the server runs
     pending = list(tasks)[::-1]
     pool: list[_Worker] = []
 
@@ -582,7 +679,8 @@ def decode_all(
     tasks = [DecodeTask(vid, str(path), str(store_root), tuple(protocols), backend) for vid, path in videos.items()]
     failed: dict[str, str] = {}
     decoded = skipped = 0
-    for res in run_pool(run_task, tasks, workers, timeout_s, recycle_after):
+    preload = ("pipeline.decode", "av", "av.video.reformatter") + (("decord",) if backend == "decord" else ())
+    for res in run_pool(run_task, tasks, workers, timeout_s, recycle_after, preload):
         vid = res.task.video_id
         if res.status == "ok":
             decoded += res.value == "decoded"

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extractors._base import SamplingProtocol
 from pipeline.decode import decode_all, list_videos, run_pool
 from pipeline.framestore import FrameStore
+from pipeline.sampling import SamplingProtocol
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _videos import frame_image, index_of, write_video  # noqa: E402
@@ -298,3 +298,75 @@ def test_pyav_reader_large_file_path_gives_the_same_frames(tmp_path, vdir, monke
         outputs.append([(root / p.key / "v.npy").read_bytes() for p in protos] + [(root / "videos" / "v.json").read_text()])
     assert outputs[0] == outputs[1]
     assert len(np.load(tmp_path / f"store-0/{protos[1].key}/v.npy")) == 45
+
+
+def _bframe_video(path: Path, frames: int = 90) -> Path:
+    """Index-coded frames with x264 B-frames (b-pyramid): about a quarter are non-reference frames."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.options = {"crf": "12", "g": "60", "bf": "3"}
+        for i in range(frames):
+            for packet in s.encode(av.VideoFrame.from_ndarray(frame_image(i, 64, 48), format="rgb24")):
+                out.mux(packet)
+        for packet in s.encode():
+            out.mux(packet)
+    return path
+
+
+def test_pyav_backend_skipping_unkept_frames_keeps_the_pixels(tmp_path, vdir):
+    """The PyAV backend lets the decoder drop non-reference frames it does not keep: the kept frames
+    are the ones a full decode of every frame gives, byte for byte."""
+    import av
+
+    import pipeline.decode as decode_mod
+
+    path = _bframe_video(vdir / "b.mp4")
+    with av.open(str(path)) as c:  # the file really has frames the decoder can drop
+        c.streams.video[0].codec_context.skip_frame = "NONREF"
+        assert sum(1 for _ in c.decode(video=0)) < 80
+    protos = (
+        SamplingProtocol(rule="fps_filter", rate=7.0, **SMALL),
+        SamplingProtocol(rule="every_n", every_n=4, **SMALL),
+    )
+    task = decode_mod.DecodeTask("b", str(path), str(tmp_path / "store"), protos, "pyav")
+    assert decode_mod.run_task(task) == "decoded"
+    with av.open(str(path)) as c:
+        c.streams.video[0].codec_context.thread_count = 1
+        every = list(c.decode(video=0))  # presentation order
+    store = FrameStore(tmp_path / "store")
+    for proto in protos:
+        kept = store.load("b", proto.key)
+        assert len(kept.source_index) > 5
+        expected = [decode_mod.resize_crop(every[i], proto) for i in kept.source_index]
+        assert np.array_equal(kept.frames, np.stack(expected))
+        assert [index_of(f) for f in kept.frames] == kept.source_index.tolist()
+
+
+def test_pyav_backend_decodes_again_when_a_kept_frame_was_skipped(tmp_path, vdir, monkeypatch):
+    """Should a kept frame not come out of the skipping decoder (simulated: every packet may be
+    dropped, so kept non-reference frames are lost), the reader decodes the video again without
+    skipping: same bytes as the normal run."""
+    import pipeline.decode as decode_mod
+
+    path = _bframe_video(vdir / "b.mp4", frames=45)
+    protos = (SamplingProtocol(rule="every_n", every_n=2, **SMALL),)
+    passes: list[bool] = []
+    decode = decode_mod.PyAVReader._decode
+
+    def logged(self, wanted, skip_unneeded):
+        passes.append(skip_unneeded)
+        return decode(self, wanted, skip_unneeded)
+
+    monkeypatch.setattr(decode_mod.PyAVReader, "_decode", logged)
+    outputs = []
+    for drop_kept in (False, True):
+        if drop_kept:
+            monkeypatch.setattr(decode_mod.PyAVReader, "_skip_level", staticmethod(lambda packet, wanted: "NONREF"))
+        root = tmp_path / str(drop_kept)
+        assert decode_mod.run_task(decode_mod.DecodeTask("b", str(path), str(root), protos, "pyav")) == "decoded"
+        outputs.append([(root / protos[0].key / "b.npy").read_bytes(), (root / "videos" / "b.json").read_text()])
+    assert passes == [True, True, False]  # the normal run skips; the lossy one falls back
+    assert outputs[0] == outputs[1]
