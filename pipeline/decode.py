@@ -51,6 +51,7 @@ KEEP_PACKETS_MAX_BYTES = 256 << 20  # PyAV backend: files up to this size are de
 SKIP_NONREF_CODECS = {"h264", "mpeg1video", "mpeg2video", "mpeg4", "vp8", "vp9"}
 _PROTOCOL_DIR = re.compile(r"^(fps_filter|uniform|every_n|all)-.+-[0-9a-f]{8}$")  # SamplingProtocol.key
 _DECIMALS = 6  # timestamps are stored rounded to 1 us: stable JSON, far below any frame interval
+ZERO_FRAMES = "zero frames: the video stream holds no decodable frame"
 
 
 class DecodeError(Exception):
@@ -119,9 +120,6 @@ def _stream_facts(container: Any, stream: Any) -> dict[str, Any]:
 
 def _rotation(frame: Any) -> int:
     return int(getattr(frame, "rotation", 0) or 0) % 360
-
-
-ZERO_FRAMES = "zero frames: the video stream holds no decodable frame"
 
 
 def probe(path: Path) -> dict[str, Any]:

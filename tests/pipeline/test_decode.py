@@ -370,3 +370,17 @@ def test_pyav_backend_decodes_again_when_a_kept_frame_was_skipped(tmp_path, vdir
         outputs.append([(root / protos[0].key / "b.npy").read_bytes(), (root / "videos" / "b.json").read_text()])
     assert passes == [True, True, False]  # the normal run skips; the lossy one falls back
     assert outputs[0] == outputs[1]
+
+
+def test_pyav_backend_reports_bad_inputs_from_its_single_open(tmp_path, vdir):
+    """The PyAV backend probes inside its reader (one open): same reasons as the decord backend's probe."""
+    write_video(vdir / "good.mp4", frames=30)
+    (vdir / "garbage.mp4").write_bytes(os.urandom(4096))
+    data = (write_video(tmp_path / "full.mp4", frames=60)).read_bytes()
+    (vdir / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    _zero_frame_mkv(vdir / "empty.mkv")
+    summary, store = decode(tmp_path, [SamplingProtocol(rule="fps_filter", rate=1.0, **SMALL)], backend="pyav")
+    assert summary.decoded == 1 and store.video_ids() == ["good"]
+    assert summary.failed["empty"].startswith("zero frames")
+    assert summary.failed["garbage"].startswith("unreadable container")
+    assert summary.failed["truncated"].startswith("unreadable container")
