@@ -42,58 +42,20 @@ from models.common import (
     mutual_matching_loss,
     rank_moments,
     scaled_iou_bce_loss,
+    train_wordpiece,
     windows_from_predictions,
+    wordpiece_from_vocab,
 )
 from pipeline.features import FeatureFile, load_video
 from pipeline.provenance import weights_record
 from pipeline.trainer import DataContext, GroundingModel, Optimization, StepContext, TrainConfig
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 # -- text -----------------------------------------------------------------------------------------
 
 
-def wordpiece_from_vocab(vocab_file: Path):
-    """DistilBERT's uncased WordPiece tokenizer from a vocab.txt (lower-case, accents stripped)."""
-    from tokenizers.implementations import BertWordPieceTokenizer
-
-    return BertWordPieceTokenizer(str(vocab_file), lowercase=True)._tokenizer
-
-
-def train_wordpiece(sentences: list[str], vocab_size: int):
-    """A BERT-style uncased WordPiece tokenizer whose vocabulary is learnt from `sentences`.
-
-    `tokenizers`' WordPiece trainer is not deterministic across processes (hash-map order breaks
-    ties between equally frequent merges: 9 of 128 tokens differed between two runs on the synthetic
-    set), and a model's vocabulary must be. So the vocabulary is chosen by a fixed rule on the text as
-    BERT's own normaliser and pre-tokeniser (from `tokenizers`) split it: the special tokens, every
-    character both as a word start and as a ## piece (so nothing is [UNK]), then whole words by
-    descending count (ties alphabetical) up to `vocab_size`.
-    """
-    from collections import Counter
-
-    from tokenizers.normalizers import BertNormalizer
-    from tokenizers.pre_tokenizers import BertPreTokenizer
-
-    normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
-    words = Counter(w for s in sentences for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(s)))
-    chars = sorted({c for w in words for c in w})
-    vocab = SPECIAL_TOKENS + chars + [f"##{c}" for c in chars]
-    taken = set(vocab)
-    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
-        if len(vocab) >= vocab_size:
-            break
-        if word not in taken:
-            vocab.append(word)
-            taken.add(word)
-    if len(vocab) > vocab_size:
-        raise ValueError(f"model.mmn.vocab_size {vocab_size} < the {len(vocab)} special tokens and characters "
-                         "of the training sentences")
-    from tokenizers.implementations import BertWordPieceTokenizer
-
-    return BertWordPieceTokenizer({t: i for i, t in enumerate(vocab)}, lowercase=True)._tokenizer
 
 
 class TextEncoder(nn.Module):

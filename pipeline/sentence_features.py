@@ -79,43 +79,16 @@ def load_text_encoder(encoder_dir: str | os.PathLike | None, train_sentences: Se
     The vocab.txt reader is MMN's (one loader for both models)."""
     from transformers import DistilBertConfig, DistilBertModel
 
-    from models.mmn import wordpiece_from_vocab
+    from models.common import train_wordpiece, wordpiece_from_vocab
 
     if encoder_dir is None:
         torch.manual_seed(seed)
-        tokenizer = deterministic_wordpiece(train_sentences, vocab_size)
+        tokenizer = train_wordpiece(train_sentences, vocab_size)
         return tokenizer, DistilBertModel(DistilBertConfig(vocab_size=vocab_size, pad_token_id=0))
     path = Path(encoder_dir)
     if not (path / "vocab.txt").is_file():
         raise FileNotFoundError(f"{path}: text encoder directory has no vocab.txt")
     return wordpiece_from_vocab(path / "vocab.txt"), DistilBertModel.from_pretrained(str(path), local_files_only=True)
-
-
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-
-
-def deterministic_wordpiece(sentences: Iterable[str], vocab_size: int) -> Any:
-    """A BERT-uncased-style WordPiece tokenizer whose vocabulary is a pure function of `sentences`:
-    the special tokens, every character (as a word start and as a `##` continuation), then whole
-    words by descending frequency (ties alphabetical) up to `vocab_size`.
-
-    `tokenizers`' WordPiece *trainer* breaks ties by hash order, which changes from one process to
-    the next; a cached artifact (the sentence features) must not.
-    """
-    from collections import Counter
-
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    words = Counter(w for s in sentences for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(s)))
-    chars = sorted({c for w in words for c in w})
-    vocab = list(SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
-    ranked = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
-    vocab += ranked[: max(0, vocab_size - len(vocab))]
-    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
-    tok.normalizer, tok.pre_tokenizer = normalizer, pre
-    tok.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
-    return tok
 
 
 @torch.no_grad()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from models.common import train_wordpiece
 from pipeline.sentence_features import (
-    deterministic_wordpiece,
     encode_sentences,
     encode_waveforms,
     load_text_encoder,
@@ -71,9 +71,9 @@ def test_text_features_match_one_sentence_at_a_time(text_encoder_dir):
     assert not np.allclose(batched[0], batched[1])
 
 
-def test_deterministic_wordpiece():
-    tok = deterministic_wordpiece(SENTENCES, 80)
-    assert tok.get_vocab() == deterministic_wordpiece(list(reversed(SENTENCES)), 80).get_vocab()
+def test_wordpiece_vocabulary_is_a_function_of_the_sentences():
+    tok = train_wordpiece(SENTENCES, 80)
+    assert tok.get_vocab() == train_wordpiece(list(reversed(SENTENCES)), 80).get_vocab()
     assert tok.encode("The red circle").tokens == ["[CLS]", "the", "red", "circle", "[SEP]"]
     assert tok.encode("reed zebra").tokens == ["[CLS]", "r", "##e", "##e", "##d", "[UNK]", "[SEP]"]
 
