@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.params import Params, ParamsError, require_files, subset
 from pipeline.progress import log
 
-CODE = ("pipeline/sentence_features.py", "stages/sentence_features.py")
+CODE = ("pipeline/sentence_features.py", "stages/sentence_features.py", "models/common.py")
 
 
 def _weights_file(encoder_dir: Path) -> Path | None:

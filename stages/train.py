@@ -55,8 +55,10 @@ def run(params: Params, source: str, model: str) -> None:
         device=t.device, num_workers=t.num_workers, select_split=t.select_split,
         select_metric=t.select_metric, deterministic=t.deterministic, amp=t.amp, amp_dtype=t.amp_dtype,
         resume=t.resume, keep_checkpoints=t.keep_checkpoints,
-        # code in the record: a checkpoint of older code is never resumed (DVC keeps them: persist)
-        config_record={"dataset": params.dataset.model_dump(), "code": provenance.code_version(CODE)},
+        # Code and input digests in the record: a checkpoint of older code or of other features,
+        # vocabularies or annotations is never resumed (DVC keeps checkpoints: persist).
+        config_record={"dataset": params.dataset.model_dump(), "code": provenance.code_version(CODE),
+                       "inputs": {role: provenance.sha256_path(path) for role, path in inputs.items()}},
     )
     if result is None or not is_rank_zero():
         return

@@ -65,6 +65,42 @@ def test_train_then_evaluate_writes_predictions_metrics_and_provenance(tmp_path)
     assert (out / "predictions" / "predictions.jsonl").read_bytes() == before
 
 
+def test_a_finished_run_is_reused_only_for_the_same_inputs(tmp_path):
+    """Checkpoints persist across DVC runs; new features must train afresh, not resume the old run."""
+    import h5py
+    import torch
+
+    params = _params(tmp_path)
+    runner = CliRunner()
+    best = tmp_path / "runs" / "mmn" / "best.pt"
+    assert runner.invoke(app, ["train", "--model", "mmn", "-p", str(params)]).exit_code == 0
+    def weights() -> dict:
+        return {k: v for k, v in torch.load(best, weights_only=False)["model"].items() if torch.is_tensor(v)}
+
+    first = weights()
+    assert first
+    first_record = read_record(best)
+
+    # same inputs: the finished run is picked up again, nothing retrains
+    result = runner.invoke(app, ["train", "--model", "mmn", "-p", str(params)])
+    assert result.exit_code == 0 and "training afresh" not in result.output
+    assert all(torch.equal(first[k], v) for k, v in weights().items())
+
+    # other feature values under the same file name and params: train afresh on them
+    # (a new file replacing the old one, as merge writes it: the first run may still hold it open)
+    path = tmp_path / "data" / "features" / "toy.h5"
+    with h5py.File(path, "r") as old, h5py.File(path.with_suffix(".new"), "w") as new:
+        for vid in old:
+            new[vid] = old[vid][()] * 2.0 + 1.0
+    path.with_suffix(".new").replace(path)
+    result = runner.invoke(app, ["train", "--model", "mmn", "-p", str(params)])
+    assert result.exit_code == 0, result.output
+    assert "different config or code" in result.output and "training afresh" in result.output
+    second = weights()
+    assert any(not torch.equal(first[k], v) for k, v in second.items())
+    assert read_record(best)["inputs"]["features.toy"]["sha256"] != first_record["inputs"]["features.toy"]["sha256"]
+
+
 def test_missing_features_fail_before_any_work_naming_the_key(tmp_path):
     params = _params(tmp_path)
     (tmp_path / "data" / "features" / "toy.h5").unlink()
