@@ -111,6 +111,20 @@ def test_hero_short_video_rule(tmp_path, vdir):
     assert store.load("short", plain.key).source_index.tolist() == [29]
 
 
+def mux_silence(out, audio, num_frames: int) -> None:
+    """Encode and mux `num_frames` frames of 1024 silent mono samples into the 16 kHz `audio` stream."""
+    import av
+
+    silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+    silence.sample_rate = 16000
+    for i in range(num_frames):
+        silence.pts = i * 1024
+        for packet in audio.encode(silence):
+            out.mux(packet)
+    for packet in audio.encode():
+        out.mux(packet)
+
+
 def _zero_frame_mkv(path: Path) -> None:
     """A Matroska file whose video track has no frames (only audio packets were written)."""
     import av
@@ -118,15 +132,7 @@ def _zero_frame_mkv(path: Path) -> None:
     with av.open(str(path), "w") as out:
         v = out.add_stream("libx264", rate=30)
         v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-        a = out.add_stream("aac", rate=16000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        frame.sample_rate = 16000
-        for i in range(5):
-            frame.pts = i * 1024
-            for packet in a.encode(frame):
-                out.mux(packet)
-        for packet in a.encode():
-            out.mux(packet)
+        mux_silence(out, out.add_stream("aac", rate=16000), 5)
 
 
 def test_bad_inputs_are_reported_and_skipped(tmp_path, vdir):
@@ -259,14 +265,7 @@ def test_time_origin_is_the_file_start_not_the_video_start(tmp_path, vdir):
         video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
         video.time_base = Fraction(1, 1000)
         video.options = {"g": "10", "bf": "0"}
-        silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        silence.sample_rate = 16000
-        for i in range(40):
-            silence.pts = i * 1024
-            for packet in audio.encode(silence):
-                out.mux(packet)
-        for packet in audio.encode():
-            out.mux(packet)
+        mux_silence(out, audio, 40)
         for i in range(45):
             frame = av.VideoFrame.from_ndarray(frame_image(i, 64, 48), format="rgb24")
             frame.pts, frame.time_base = 500 + round(i * 1000 / 30), Fraction(1, 1000)
