@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.annotations import load_split  # noqa: E402
 from pipeline.synth import CHARADES_COLUMNS, COLOURS, SHAPES, glove_text  # noqa: E402
 
 ACTIONS = {
@@ -115,21 +116,17 @@ def write_dataset(out: Path, num_train: int, num_test: int, seed: int) -> None:
 
 
 def centre_correlation(out: Path) -> float:
-    durations = {}
-    with open(out / "annotations" / "Charades_v1_test.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            durations[row["id"]] = float(row["length"])
-    truth = []
-    for line in (out / "annotations" / "charades_sta_test.txt").read_text().splitlines():
-        vid, start, end = line.split("##")[0].split()
-        truth.append((vid, (float(start) + float(end)) / 2 / durations[vid]))
+    """Pearson r of predicted and true moment centres (fractions of the video) on the test split."""
+    ann = out / "annotations"
+    queries = {q.qid: q for q in load_split(ann / "charades_sta_test.txt", "charades_sta", split="test",
+                                            durations=[ann / "Charades_v1_test.csv"])}
     predicted, actual = [], []
     for line in (out / "results" / "cnm" / "predictions" / "predictions.jsonl").read_text().splitlines():
         p = json.loads(line)
-        vid, centre = truth[p["qid"]]
+        q = queries[p["qid"]]
         start, end = p["pred_relevant_windows"][0][:2]
-        predicted.append((start + end) / 2 / durations[vid])
-        actual.append(centre)
+        predicted.append((start + end) / 2 / q.duration)
+        actual.append((q.moment[0] + q.moment[1]) / 2 / q.duration)
     return float(np.corrcoef(predicted, actual)[0, 1])
 
 

@@ -349,7 +349,7 @@ def wordpiece_from_vocab(vocab_file: Path):
     return BertWordPieceTokenizer(str(vocab_file), lowercase=True)._tokenizer
 
 
-def train_wordpiece(sentences: list[str], vocab_size: int):
+def train_wordpiece(sentences: list[str], vocab_size: int, setting: str = "vocab_size"):
     """A BERT-style uncased WordPiece tokenizer whose vocabulary is learnt from `sentences`.
 
     `tokenizers`' WordPiece trainer is not deterministic across processes (hash-map order breaks
@@ -357,7 +357,8 @@ def train_wordpiece(sentences: list[str], vocab_size: int):
     set), and a model's vocabulary must be. So the vocabulary is chosen by a fixed rule on the text as
     BERT's own normaliser and pre-tokeniser (from `tokenizers`) split it: the special tokens, every
     character both as a word start and as a ## piece (so nothing is [UNK]), then whole words by
-    descending count (ties alphabetical) up to `vocab_size`.
+    descending count (ties alphabetical) up to `vocab_size`. `setting` names it in the error when
+    `vocab_size` cannot even hold the special tokens and characters.
     """
     from collections import Counter
 
@@ -376,7 +377,7 @@ def train_wordpiece(sentences: list[str], vocab_size: int):
             vocab.append(word)
             taken.add(word)
     if len(vocab) > vocab_size:
-        raise ValueError(f"vocab_size {vocab_size} < the {len(vocab)} special tokens and characters "
+        raise ValueError(f"{setting} {vocab_size} < the {len(vocab)} special tokens and characters "
                          "of the training sentences")
     from tokenizers.implementations import BertWordPieceTokenizer
 

@@ -225,7 +225,7 @@ class MMN(GroundingModel):
             return bert, bert.config.dim
         self._weights = weights_record(None)
         sentences = [q.sentence for q in data.queries("train")] if "train" in data.splits else []
-        self.tokenizer = train_wordpiece(sentences, cfg.vocab_size)
+        self.tokenizer = train_wordpiece(sentences, cfg.vocab_size, "model.mmn.vocab_size")
         config = DistilBertConfig(vocab_size=cfg.vocab_size, dim=cfg.text_dim, n_layers=cfg.text_layers,
                                   n_heads=cfg.text_heads, hidden_dim=cfg.text_ffn,
                                   max_position_embeddings=max(512, cfg.max_tokens), pad_token_id=0)

@@ -76,7 +76,7 @@ def load_text_encoder(encoder_dir: str | os.PathLike | None, train_sentences: Se
     """(tokenizer, DistilBERT) from a local HF directory (config + weights + vocab.txt), or a seeded
     random distilbert-base-shaped encoder with a WordPiece vocabulary trained on `train_sentences`.
 
-    The vocab.txt reader is MMN's (one loader for both models)."""
+    Tokenizers as MMN's text encoder (models/common.py: one rule for both models)."""
     from transformers import DistilBertConfig, DistilBertModel
 
     from models.common import train_wordpiece, wordpiece_from_vocab

@@ -119,3 +119,8 @@ def test_query_feature_file_roundtrip(tmp_path):
     np.testing.assert_array_equal(table["b sentence"], feats[0])
     with pytest.raises(FileNotFoundError, match="missing.h5"):
         read_query_features(tmp_path / "missing.h5")
+
+
+def test_a_vocabulary_too_small_for_the_characters_names_the_setting():
+    with pytest.raises(ValueError, match=r"model.mmn.vocab_size 8 < the \d+ special tokens and characters"):
+        train_wordpiece(SENTENCES, 8, "model.mmn.vocab_size")
