@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# dvc.yaml is generated from params.yaml and the code (`vmr dag`): regenerate, then run the DAG.
 repro: setup
-	source $(VENV)/bin/activate && dvc repro
+	source $(VENV)/bin/activate && vmr dag && dvc repro
 	source $(VENV)/bin/activate && vmr report
 
 test: setup
@@ -28,8 +29,9 @@ test-e2e: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# The DVC lineage check on a clean copy (also part of test-e2e).
 lineage: setup
-	source $(VENV)/bin/activate && bash .ci/lineage_check.sh
+	$(PY) -m pytest -q -m slow tests/pipeline/test_lineage.py
 
 clean:
 	rm -rf work features vocab runs results data/synth

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_decode_extract_merge.py [--videos data/synth/videos] [--limit 16]
 
-1. decode: source frames/s per core of `pipeline.decode.decode_all` (1 worker process, replaced every
+1. decode: source frames/s per core of `pipeline.media.decode.decode_all` (1 worker process, replaced every
    `--recycle-after` videos as `vmr decode` does: probe, timestamps + selected frames, resize/crop,
    .npy + record writes), for each backend, vs a plain single-threaded PyAV loop that decodes every
    frame of the same files. Target ratio >= 0.9. Wall-time and CPU-time ratios are both reported.
@@ -70,8 +70,8 @@ def stop_fork_server() -> None:
 def bench_decode(
     videos: dict[str, Path], protocols, work: Path, repeats: int, backends: list[str], recycle_after: int
 ) -> dict:
-    from pipeline.decode import decode_all
-    from pipeline.framestore import FrameStore
+    from pipeline.media.decode import decode_all
+    from pipeline.media.framestore import FrameStore
 
     paths = list(videos.values())
     best = {name: float("inf") for name in ["pyav_full_decode", *backends]}
@@ -115,8 +115,8 @@ def bench_extract(work: Path, device: str, threads: int, batch_size: int, repeat
     import torch
 
     from extractors.clip import ClipExtractor
-    from pipeline.extract import extract_videos, resolve_device
-    from pipeline.framestore import FrameStore
+    from pipeline.media.extract import extract_videos, resolve_device
+    from pipeline.media.framestore import FrameStore
 
     if threads:
         torch.set_num_threads(threads)
@@ -163,7 +163,7 @@ def bench_extract(work: Path, device: str, threads: int, batch_size: int, repeat
 def bench_merge(work: Path, repeats: int, videos: int, dim: int) -> dict:
     import h5py
 
-    from pipeline.h5merge import merge_to_hdf5
+    from pipeline.media.h5merge import merge_to_hdf5
 
     # per-video (T, dim) float32 files, T like Charades at 1 feature/s (seeded, so runs compare)
     src = work / "merge_src"
@@ -217,7 +217,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from extractors.clip import ClipExtractor
-    from pipeline.decode import decode_all, list_videos
+    from pipeline.media.decode import decode_all, list_videos
 
     videos = list_videos(args.videos)
     if args.limit:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.common import moment_to_iou2d  # noqa: E402
 from models.mmn import MMN  # noqa: E402
-from pipeline.trainer import StepContext  # noqa: E402
+from pipeline.training.trainer import StepContext  # noqa: E402
 
 CONFIGS = {
     # the synthetic default of params.yaml (model.mmn)

@@ -39,8 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.annotations import load_split  # noqa: E402
-from pipeline.synth import CHARADES_COLUMNS, COLOURS, SHAPES, glove_text  # noqa: E402
+from pipeline.media.synth import CHARADES_COLUMNS, COLOURS, SHAPES, glove_text  # noqa: E402
+from pipeline.text.annotations import load_split  # noqa: E402
 
 ACTIONS = {
     "left": "moves to the left", "right": "moves to the right", "up": "moves up", "down": "moves down",

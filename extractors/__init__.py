@@ -1,5 +1,5 @@
 """Feature extractors. Each module registers its extractors in EXTRACTORS by name."""
 
-from pipeline.registry import Registry
+from pipeline.core.registry import Registry
 
-EXTRACTORS = Registry("extractor", package="extractors")
+EXTRACTORS = Registry("extractor", package="extractors", list_key="features", table_key="extractors")

@@ -18,15 +18,16 @@ devices, AMP, sharding, atomic writes, resume, provenance):
    that the frame stands for. Two extractors with equal protocols share the frames.
 2. `group(frames, windows)` -> (units, unit_windows): turns the N kept frames of one video into the
    T inputs of the model, one per output feature. Frame-wise extractors (CLIP, VGG) keep the default
-   (one frame = one unit). Clip-level extractors override it: e.g. SlowFast takes frames at 30 fps
+   (one frame = one unit). Snippet-level extractors override it: e.g. SlowFast takes frames at 30 fps
    and returns (T, 32, H, W, 3) clips of 2 s; C3D returns 16-frame clips with stride 8; I3D can
    return one (1, N, H, W, 3) "unit" for the whole video and emit several features per unit. Units stay uint8 on the
    CPU; `unit_windows` is (R, 2) float64 seconds, one (start, end) per OUTPUT ROW (the feature
    timestamps written next to the .npy); R = T unless `embed` gives several rows per unit.
 3. `build_model()` -> nn.Module: the architecture with seeded random init (no downloads ever).
 4. `load_weights(model, path)`: load one official checkpoint format from a local file; raise
-   `WeightsError` naming the file and the missing/unexpected keys. The caller checks sha256 and records
-   it (or "random" when no weights are configured) in the provenance.
+   `WeightsError` naming the file and the missing/unexpected keys (`torch_load`, `unwrap_state_dict`
+   and `check_state_dict` do so). The caller checks sha256 and records it (or "random" when no
+   weights are configured) in the provenance.
 5. `preprocess(units)` then `embed(model, x)`: `preprocess` gets a uint8 batch (B, ..., H, W, 3)
    already on the model's device and returns the float input (value range, mean/std, channel order,
    layout); `embed` returns (B, D) features, or (B, k, D) for k rows per unit (rows are kept in
@@ -40,35 +41,21 @@ Outputs are then float32 (T, D) per video, whatever the compute dtype.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from pipeline.params import Section
+from pipeline.core.params import Section
 
-# The protocol lives with the selection rules in pipeline/sampling.py (torch-free, so decode workers
-# start fast); it is part of this interface and re-exported here.
-from pipeline.sampling import Rule, SamplingProtocol  # noqa: E402,F401
+# The protocol and the video facts live with the selection rules in pipeline/media/sampling.py
+# (torch-free, so decode workers start fast); they are part of this interface and re-exported here.
+from pipeline.media.sampling import Rule, SamplingProtocol, VideoInfo  # noqa: F401
 
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """Facts about one source video (from its decode record) that some `group` rules need.
-
-    Added for the clip-level extractors (issue 4): HERO's SlowFast sampling uses floor(native fps)
-    and ceil(stream duration / clip_len); the extract stage passes this as `group(..., video=...)`.
-    """
-
-    video_id: str
-    fps: float  # the video stream's average frame rate
-    duration: float | None = None  # stream duration in seconds (ffprobe's); None when unknown
-
-
-class WeightsError(ValueError):
-    """A weights file is unreadable or does not match the architecture (names file and keys)."""
+# Likewise the weights helpers every `load_weights` uses (shared with the models, so they live in
+# pipeline/nets/checkpoints.py).
+from pipeline.nets.checkpoints import WeightsError, check_state_dict, torch_load, unwrap_state_dict  # noqa: F401
 
 
 class ExtractorConfig(Section):
@@ -103,7 +90,7 @@ class Extractor(ABC):
         """(N, H, W, 3) uint8 frames + (N, 2) windows -> (T, ...) units + (T, 2) windows.
 
         `video` (native fps, stream duration) is passed by the extract stage; frame-wise
-        extractors ignore it, clip-level ones whose rules depend on it (SlowFast/HERO) require it.
+        extractors ignore it, snippet-level ones whose rules depend on it (SlowFast/HERO) require it.
         """
         return frames, windows
 
@@ -133,51 +120,3 @@ class Extractor(ABC):
             "protocol": self.protocol().as_dict(),
             "config": self.config.model_dump(exclude={"device", "threads", "batch_size"}),
         }
-
-
-def check_state_dict(model: torch.nn.Module, state: dict, path: str, *, strict: bool = True) -> None:
-    """load_state_dict with an error that names the file and the mismatching keys and shapes."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    problems = []
-    if missing and strict:
-        problems.append(f"missing keys {_few(missing)}")
-    if unexpected and strict:
-        problems.append(f"unexpected keys {_few(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatch {_few(wrong)}")
-    if problems:
-        raise WeightsError(f"{path}: does not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(state, strict=strict)
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    shown = ", ".join(items[:n])
-    return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)})"
-
-
-def torch_load(path: str) -> object:
-    """Read a torch checkpoint (pickle or zip) on the CPU, with a clear error if it is not one."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file
-        raise WeightsError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-
-
-def unwrap_state_dict(obj: object, path: str, keys: tuple[str, ...] = ("state_dict", "model_state", "model")) -> dict:
-    """The tensor dict inside common checkpoint wrappers ({'state_dict': ...}, DataParallel 'module.')."""
-    for k in keys:
-        if isinstance(obj, dict) and k in obj and isinstance(obj[k], dict):
-            obj = obj[k]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj

@@ -9,7 +9,7 @@ centre crop 112, channels in BGR order (Caffe), per-channel mean [90, 98, 102] (
 from 0..255 values: the convention of the common PyTorch ports of the Caffe model.
 
 Protocols:
-- `clips16`: 16-frame clips every 8 frames (the ActivityNet challenge protocol; also ViGA's TACoS
+- `clips16`: 16-frame snippets every 8 frames (the ActivityNet challenge protocol; also ViGA's TACoS
   fc6 alternative); optional PCA to 500-d with the official `PCA_activitynet_v1-3.hdf5`.
 - `tall64`: TALL windows as 2D-TAN reads them: 64 frames, stride 12, (N - 64) // 12 + 1 windows.
 - `tall128`: TALL windows as VSLNet/MESM read them: 128 frames, stride 25, over N - 16 frames.
@@ -38,7 +38,8 @@ from extractors._base import (
     torch_load,
     unwrap_state_dict,
 )
-from extractors._clips import c3d_plan, c3d_resize_crop, make_units
+from extractors._snippets import c3d_plan, c3d_resize_crop, make_units
+from pipeline.core.provenance import sha256_file, weights_record
 
 C3D_FEATURE_DIM = 4096
 C3D_MEAN_BGR = (90.0, 98.0, 102.0)
@@ -78,7 +79,7 @@ class C3D(nn.Module):
         x = self.conv_trunk(x)
         if x.shape[1:] != (512, 1, 4, 4):
             raise ValueError(
-                f"C3D expects 3x16x112x112 clips; input {tuple(x.shape)} at pool5 is not 512x1x4x4"
+                f"C3D expects 3x16x112x112 snippets; input {tuple(x.shape)} at pool5 is not 512x1x4x4"
             )
         x = F.relu(self.fc6(x.flatten(1)))
         if layer == "fc6":
@@ -128,7 +129,7 @@ class PCAProjection:
 
 
 class C3DFeatures(nn.Module):
-    """C3D plus the optional PCA, as one module: `forward` maps clips to (B, D) features."""
+    """C3D plus the optional PCA, as one module: `forward` maps snippets to (B, D) features."""
 
     def __init__(self, layer: str, pca: PCAProjection | None):
         super().__init__()
@@ -143,7 +144,7 @@ class C3DFeatures(nn.Module):
         """(B, 3, F, 112, 112), F a multiple of 16 -> (B, D): fc of each 16-frame unit, averaged."""
         b, c, f, h, w = x.shape
         if f % 16:
-            raise ValueError(f"C3D clips must be a multiple of 16 frames, got {f}")
+            raise ValueError(f"C3D snippets must be a multiple of 16 frames, got {f}")
         units = x.view(b, c, f // 16, 16, h, w).transpose(1, 2).reshape(b * (f // 16), c, 16, h, w)
         feats = self.net.features(units, self.layer).view(b, f // 16, -1).float().mean(dim=1)
         if self.pca:
@@ -162,8 +163,8 @@ class C3DExtractor(Extractor):
 
     class Config(ExtractorConfig):
         protocol: Literal["clips16", "tall64", "tall128"] = "clips16"
-        stride: int = Field(8, ge=1)  # clips16: frames between clip starts
-        tail: Literal["pad", "drop"] = "pad"  # clips16: last partial clip padded, or dropped
+        stride: int = Field(8, ge=1)  # clips16: frames between snippet starts
+        tail: Literal["pad", "drop"] = "pad"  # clips16: last partial snippet padded, or dropped
         layer: Literal["fc6", "fc7"] = "fc6"  # TALL/TACoS: fc6; ActivityNet: fc7 (+ PCA 500)
         channel_order: Literal["bgr", "rgb"] = "bgr"  # Caffe C3D was trained on BGR
         mean: tuple[float, float, float] = C3D_MEAN_BGR  # per channel, in `channel_order`, 0..255 scale
@@ -188,10 +189,9 @@ class C3DExtractor(Extractor):
 
     def group(self, frames, windows, video: VideoInfo | None = None):
         plan = self.plan(len(frames))
-        return make_units(frames, plan.clips, c3d_resize_crop), plan.row_windows(windows)
+        return make_units(frames, plan.snippets, c3d_resize_crop), plan.row_windows(windows)
 
     def build_model(self) -> torch.nn.Module:
-        from pipeline.provenance import weights_record
 
         torch.manual_seed(self.config.seed)
         pca = None
@@ -217,7 +217,6 @@ class C3DExtractor(Extractor):
     def describe(self) -> dict:
         out = super().describe()
         if self.config.pca:
-            from pipeline.provenance import sha256_file
 
             out["pca_sha256"] = sha256_file(self.config.pca)
         out["plan"] = self.plan(10_000).info

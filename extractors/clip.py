@@ -10,37 +10,22 @@ Protocols (docs/features.md, reference feature_protocols.md 2a/2e/3.5):
   (x/255 - mean) / (std + 1e-8), fp16 weights on GPU. `preprocess: openai`: bicubic resize, no 1e-8.
 
 The architecture is open_clip's `ViT-B-32-quickgelu`: OpenAI's weights need QuickGELU, and open_clip's
-plain 'ViT-B-32' silently builds nn.GELU. Weights formats accepted from a local path:
-- the OpenAI TorchScript archive `ViT-B-32.pt` (what `clip.load(jit=True)` reads),
-- an OpenAI-layout state dict (`clip.load(jit=False)`, `torch.save(model.state_dict())`),
-- open_clip files: `open_clip_pytorch_model.bin` / `.safetensors` / training checkpoints
-  `{"state_dict": ..., "epoch": ...}` with or without a DataParallel `module.` prefix.
+plain 'ViT-B-32' silently builds nn.GELU. Every official weights format is read by
+`pipeline.nets.clip.read_clip_state_dict` (OpenAI's TorchScript archive or state dict, open_clip's
+.bin / .safetensors / training checkpoints).
 """
 
 from __future__ import annotations
 
-import warnings
-import zipfile
 from typing import Literal
 
 import torch
 from pydantic import Field
 
 from extractors import EXTRACTORS
-from extractors._base import (
-    Extractor,
-    ExtractorConfig,
-    SamplingProtocol,
-    WeightsError,
-    check_state_dict,
-    torch_load,
-    unwrap_state_dict,
-)
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-# Integer metadata the OpenAI TorchScript model keeps in its state dict; not parameters.
-OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+from extractors._base import Extractor, ExtractorConfig, SamplingProtocol
+from pipeline.nets.checkpoints import check_state_dict
+from pipeline.nets.clip import IMAGE_MEAN, IMAGE_STD, fit_to_model, read_clip_state_dict
 
 
 @EXTRACTORS.register("clip")
@@ -78,13 +63,7 @@ class ClipExtractor(Extractor):
         return model.eval()
 
     def load_weights(self, model: torch.nn.Module, path: str) -> None:
-        state = read_clip_state_dict(path)
-        # open_clip stores logit_scale as a 0-d tensor; some files keep shape (1,)
-        if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
-            state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
-        own = model.state_dict()
-        state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
-        check_state_dict(model, state, path)
+        check_state_dict(model, fit_to_model(read_clip_state_dict(path), model), path)
 
     def to_device(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         model = model.to(device)
@@ -94,8 +73,8 @@ class ClipExtractor(Extractor):
 
     def preprocess(self, units: torch.Tensor) -> torch.Tensor:
         x = units.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(OPENAI_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(OPENAI_STD, device=x.device).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGE_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGE_STD, device=x.device).view(1, 3, 1, 1)
         if self.config.preprocess == "hero":
             std = std + 1e-8  # HERO's Normalize adds it; a ~1e-7 relative change, kept for fidelity
         return (x - mean) / std
@@ -103,39 +82,3 @@ class ClipExtractor(Extractor):
     def embed(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         dtype = next(model.parameters()).dtype
         return model.encode_image(x.to(dtype))
-
-
-def read_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """State dict (OpenAI key layout = open_clip CLIP layout) from any supported CLIP file."""
-    if str(path).endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:  # pragma: no cover - safetensors ships with open_clip's deps
-            raise WeightsError(f"{path}: reading .safetensors needs the safetensors package") from e
-        try:
-            return dict(load_file(path, device="cpu"))
-        except Exception as e:
-            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
-    if _is_torchscript(path):
-        try:
-            with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI's file is TorchScript
-                warnings.simplefilter("ignore", FutureWarning)
-                scripted = torch.jit.load(path, map_location="cpu")
-        except Exception as e:
-            raise WeightsError(f"{path}: not a readable TorchScript archive ({e})") from None
-        state = dict(scripted.state_dict())
-        for key in OPENAI_META_KEYS:
-            state.pop(key, None)
-        return state
-    state = unwrap_state_dict(torch_load(path), path)
-    for key in OPENAI_META_KEYS:
-        state.pop(key, None)
-    return state
-
-
-def _is_torchscript(path: str) -> bool:
-    """TorchScript archives are zips with a `code/` folder; torch.save zips have only data.pkl."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any("/code/" in n or n.startswith("code/") for n in zf.namelist())

@@ -6,7 +6,7 @@ with `strict=True`. Convolutions and max pools pad "TF-SAME" at run time (the ex
 the back), batch norm uses eps 1e-3, and the features are Mixed_5c followed by
 AvgPool3d([2, 7, 7], stride 1): one 1024-d vector per 8 input frames (T' = ceil(T/8) - 1).
 
-Protocols (docs/clip_extractors.md):
+Protocols (docs/snippet_extractors.md):
 - `lgi`: piergiaj's `extract_features.py`, the source of LGI's `i3d_finetuned` Charades features
   (reused by CNM/CPL/QD-DETR): 24 fps, the whole video in one pass (chunked as piergiaj did above
   1600 frames), one feature per 8 frames.
@@ -38,7 +38,7 @@ from extractors._base import (
     torch_load,
     unwrap_state_dict,
 )
-from extractors._clips import i3d_plan, i3d_resize_crop, make_units, windows_plan
+from extractors._snippets import i3d_plan, i3d_resize_crop, make_units, windows_plan
 
 I3D_FEATURE_DIM = 1024
 I3D_R50_FEATURE_DIM = 2048
@@ -263,7 +263,7 @@ class I3DExtractor(Extractor):
         plan = self.plan(len(frames))
         crop = self.config.crop
         transform = lambda f: i3d_resize_crop(f, min_side=crop + 2, crop=crop)  # noqa: E731
-        return make_units(frames, plan.clips, transform), plan.row_windows(windows)
+        return make_units(frames, plan.snippets, transform), plan.row_windows(windows)
 
     def build_model(self) -> torch.nn.Module:
         torch.manual_seed(self.config.seed)
@@ -289,7 +289,7 @@ class I3DR50Extractor(Extractor):
 
     class Config(ExtractorConfig):
         fps: float = Field(30.0, gt=0)
-        num_frames: int = Field(8, ge=1)  # frames per clip (8x8: 8 frames ...)
+        num_frames: int = Field(8, ge=1)  # frames per snippet (8x8: 8 frames ...)
         sampling_rate: int = Field(8, ge=1)  # ... every 8th frame: one feature per 64 frames
         size: int = Field(224, ge=32)  # short side and centre crop
         batch_size: int = Field(8, ge=1)
@@ -303,7 +303,7 @@ class I3DR50Extractor(Extractor):
 
     def group(self, frames, windows, video: VideoInfo | None = None):
         plan = self.plan(len(frames))
-        return make_units(frames, plan.clips), plan.row_windows(windows)
+        return make_units(frames, plan.snippets), plan.row_windows(windows)
 
     def build_model(self) -> torch.nn.Module:
         torch.manual_seed(self.config.seed)

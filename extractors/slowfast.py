@@ -2,10 +2,10 @@
 
 HERO_Video_Feature_Extractor made the QVHighlights (Moment-DETR, QD-DETR, MESM, UMT) and Charades
 SF+C SlowFast features: frames at 30 fps (FFmpeg fps filter), short side 224, centre crop 224,
-clips of `clip_len` seconds (2 for QVHighlights, 1 for Charades), 32 fast frames per clip from
+snippets of `clip_len` seconds (2 for QVHighlights, 1 for Charades), 32 fast frames per snippet from
 its start with HERO's floor(source fps) span quirk, slow = fast[0,4,8,13,17,22,26,31],
 (x/255 - 0.45) / (0.225 + 1e-8); the output is the concatenated average-pooled pathways before
-the projection. See `extractors._clips.hero_slowfast_plan` and docs/clip_extractors.md.
+the projection. See `extractors._snippets.hero_slowfast_plan` and docs/snippet_extractors.md.
 
 The network is pytorchvideo's `create_slowfast` as `slowfast_r50` builds it (34.57 M parameters
 with the 400-class head). Weights, from a local file:
@@ -36,7 +36,12 @@ from extractors._base import (
     torch_load,
     unwrap_state_dict,
 )
-from extractors._clips import hero_slowfast_plan, make_units, slow_positions, video_info_from_frames
+from extractors._snippets import (
+    hero_slowfast_plan,
+    make_units,
+    slow_positions,
+    video_info_from_frames,
+)
 
 SLOWFAST_DIM = 2304
 MEAN, STD = 0.45, 0.225
@@ -195,9 +200,9 @@ class SlowFastExtractor(Extractor):
             raise ValueError("slowfast (HERO protocol) needs the video's native fps and stream duration: "
                              "call group(frames, windows, video=VideoInfo(...))")
         plan = self.plan(len(frames), video)
-        # row k stands for the clip [k, k+1) * clip_len, as Moment-DETR/MESM read it (padding included)
-        starts = np.arange(len(plan.clips), dtype=np.float64) * self.config.clip_len
-        return make_units(frames, plan.clips), np.stack([starts, starts + self.config.clip_len], axis=1)
+        # row k stands for the snippet [k, k+1) * clip_len, as Moment-DETR/MESM read it (padding included)
+        starts = np.arange(len(plan.snippets), dtype=np.float64) * self.config.clip_len
+        return make_units(frames, plan.snippets), np.stack([starts, starts + self.config.clip_len], axis=1)
 
     def build_model(self) -> torch.nn.Module:
         torch.manual_seed(self.config.seed)

@@ -40,11 +40,18 @@ from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
 from models import MODELS
-from pipeline.evaluation import MOMENT_THRESHOLDS, evaluate_moments
-from pipeline.features import FeatureFile, load_video
-from pipeline.provenance import weights_record
-from pipeline.trainer import DataContext, GroundingModel, Optimization, StepContext, TrainConfig
-from pipeline.vocab import load_glove_pkl, pos_tagger_name, pos_weights, word_tokenize
+from pipeline.core.provenance import weights_record
+from pipeline.media.features import FeatureFile, feature_statistics, load_video
+from pipeline.text.vocab import load_glove_pkl, pos_tagger_name, pos_weights, word_tokenize
+from pipeline.training.evaluation import MOMENT_THRESHOLDS, evaluate_moments
+from pipeline.training.trainer import (
+    DataContext,
+    GroundingModel,
+    Needs,
+    Optimization,
+    StepContext,
+    TrainConfig,
+)
 
 LABEL_SMOOTHING = 0.1  # cal_nll_loss's eps
 MIN_WIDTH = 0.1  # the Gaussian's width is clamped below at 0.1 (of the whole video)
@@ -409,7 +416,7 @@ class CNMConfig(TrainConfig):
 
 def tokenize(sentence: str) -> tuple[list[str], list[int]]:
     """nltk word tokens of a query and their POS weights, with the vocab stage's tokenizer and tagger
-    (nltk's tagger when its data is installed, else the documented fallback: pipeline.vocab)."""
+    (nltk's tagger when its data is installed, else the documented fallback: pipeline.text.vocab)."""
     tokens = word_tokenize(sentence)
     return tokens, pos_weights(tokens)
 
@@ -465,11 +472,12 @@ class CNM(GroundingModel):
         self.fc_mask_gen = nn.Linear(H, 2)
         self.register_buffer("word_positions", sinusoidal_positions(cfg.max_num_words + 1, H), persistent=False)
         if cfg.standardize_features:  # saved with the weights, so evaluation uses the training statistics
-            mean, std = torch.zeros(frame_dim), torch.ones(frame_dim)
-            if data is not None:
-                mean, std = feature_statistics(self.features, {q.video_id for q in data.queries("train")})
-            self.register_buffer("frame_mean", mean)
-            self.register_buffer("frame_std", std)
+            mean, std = np.zeros(frame_dim, np.float32), np.ones(frame_dim, np.float32)
+            if data is not None:  # the raw frames, std + 1e-6
+                train_videos = {q.video_id for q in data.queries("train")}
+                mean, std = feature_statistics(self.features, train_videos, std_eps=1e-6)
+            self.register_buffer("frame_mean", torch.from_numpy(mean))
+            self.register_buffer("frame_std", torch.from_numpy(std))
         if cfg.weights is not None:
             load_official_checkpoint(self, cfg.weights, cfg.weights_sha256)
 
@@ -528,14 +536,12 @@ class CNM(GroundingModel):
         for p in self.parameters():
             p.requires_grad_(id(p) in keep)
 
-    # -- the trainer contract (pipeline.trainer) --
+    # -- the trainer contract (pipeline.training.trainer) --
 
     @classmethod
-    def input_files(cls, cfg: CNMConfig, data: DataContext) -> dict[str, Path]:
-        files = {f"features.{cfg.feature}": data.feature_file(cfg.feature), "vocab.glove_pkl": Path(data.vocab_dir) / "glove.pkl"}
-        if cfg.weights is not None:
-            files["model.cnm.weights"] = Path(cfg.weights)
-        return files
+    def needs(cls, cfg: CNMConfig, dataset) -> Needs:
+        return Needs(features=(cfg.feature,), vocab=("glove.pkl",),
+                     files={"model.cnm.weights": cfg.weights} if cfg.weights is not None else {})
 
     def build_dataset(self, split: str, data: DataContext, train: bool) -> Dataset:
         return CNMItems(data.queries(split), self.features, self.vocab, self.cfg.max_num_frames)
@@ -593,17 +599,6 @@ class CNM(GroundingModel):
         if self.cfg.weights is not None:
             record["cnm_checkpoint"] = weights_record(self.cfg.weights, self.cfg.weights_sha256)
         return record
-
-
-def feature_statistics(features: FeatureFile, video_ids: Iterable[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std (+1e-6) over every frame of the given videos, in float64, sorted ids."""
-    total, total_sq, count = 0.0, 0.0, 0
-    for vid in sorted(video_ids):
-        x = features[vid].astype(np.float64)
-        total, total_sq, count = total + x.sum(0), total_sq + (x**2).sum(0), count + len(x)
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0)) + 1e-6
-    return torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
 
 
 def proposal_frame_indices(num_frames: int) -> torch.Tensor:

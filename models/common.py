@@ -14,23 +14,22 @@ N clips, S sentences (of one video or of the whole batch), K valid proposals.
     scaled_iou_bce_loss         BCE of the IoU scores against min/max-scaled IoU targets
     mutual_matching_loss        MMN's video->text and text->video contrastive losses
     fuse_scores                 ((cos+1)/2)^pow * iou_score (inference)
-    rank_moments                valid cells -> seconds -> NMS (pipeline.evaluation.nms) -> top windows
+    rank_moments                valid cells -> seconds -> NMS (pipeline.training.evaluation.nms) -> top windows
     grounding_recall_metrics    R@k,IoU@θ / mIoU / Best_R{k} of ranked windows (MMN protocol)
     train_wordpiece / wordpiece_from_vocab   the BERT-uncased WordPiece tokenizers of MMN's text
-                                encoder and of the frozen query encoder (pipeline.sentence_features)
+                                encoder and of the frozen query encoder (pipeline.text.sentence_features)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.evaluation import nms, recall_at_k, temporal_iou
+from pipeline.training.evaluation import nms, recall_at_k, temporal_iou
 
 # -- video side -----------------------------------------------------------------------------------
 
@@ -335,50 +334,3 @@ def windows_from_predictions(predictions: list[dict], queries: list, max_windows
         valid[i, : len(w)] = True
     gt = np.asarray([q.moment for q in queries], dtype=np.float64)
     return windows, valid, gt
-
-
-# -- text ---------------------------------------------------------------------------------------
-
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def wordpiece_from_vocab(vocab_file: Path):
-    """DistilBERT's uncased WordPiece tokenizer from a vocab.txt (lower-case, accents stripped)."""
-    from tokenizers.implementations import BertWordPieceTokenizer
-
-    return BertWordPieceTokenizer(str(vocab_file), lowercase=True)._tokenizer
-
-
-def train_wordpiece(sentences: list[str], vocab_size: int, setting: str = "vocab_size"):
-    """A BERT-style uncased WordPiece tokenizer whose vocabulary is learnt from `sentences`.
-
-    `tokenizers`' WordPiece trainer is not deterministic across processes (hash-map order breaks
-    ties between equally frequent merges: 9 of 128 tokens differed between two runs on the synthetic
-    set), and a model's vocabulary must be. So the vocabulary is chosen by a fixed rule on the text as
-    BERT's own normaliser and pre-tokeniser (from `tokenizers`) split it: the special tokens, every
-    character both as a word start and as a ## piece (so nothing is [UNK]), then whole words by
-    descending count (ties alphabetical) up to `vocab_size`. `setting` names it in the error when
-    `vocab_size` cannot even hold the special tokens and characters.
-    """
-    from collections import Counter
-
-    from tokenizers.normalizers import BertNormalizer
-    from tokenizers.pre_tokenizers import BertPreTokenizer
-
-    normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
-    words = Counter(w for s in sentences for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(s)))
-    chars = sorted({c for w in words for c in w})
-    vocab = SPECIAL_TOKENS + chars + [f"##{c}" for c in chars]
-    taken = set(vocab)
-    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
-        if len(vocab) >= vocab_size:
-            break
-        if word not in taken:
-            vocab.append(word)
-            taken.add(word)
-    if len(vocab) > vocab_size:
-        raise ValueError(f"{setting} {vocab_size} < the {len(vocab)} special tokens and characters "
-                         "of the training sentences")
-    from tokenizers.implementations import BertWordPieceTokenizer
-
-    return BertWordPieceTokenizer({t: i for i, t in enumerate(vocab)}, lowercase=True)._tokenizer

@@ -42,13 +42,19 @@ from models.common import (
     mutual_matching_loss,
     rank_moments,
     scaled_iou_bce_loss,
-    train_wordpiece,
     windows_from_predictions,
-    wordpiece_from_vocab,
 )
-from pipeline.features import FeatureFile, load_video
-from pipeline.provenance import weights_record
-from pipeline.trainer import DataContext, GroundingModel, Optimization, StepContext, TrainConfig
+from pipeline.core.provenance import weights_record
+from pipeline.media.features import FeatureFile, load_video
+from pipeline.text.tokenizers import train_wordpiece, wordpiece_from_vocab
+from pipeline.training.trainer import (
+    DataContext,
+    GroundingModel,
+    Needs,
+    Optimization,
+    StepContext,
+    TrainConfig,
+)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -243,11 +249,9 @@ class MMN(GroundingModel):
         return {"text_encoder": self._weights}
 
     @classmethod
-    def input_files(cls, cfg: Config, data: DataContext) -> dict[str, Path]:
-        files = {f"features.{f}": data.feature_file(f) for f in cfg.features}
-        if cfg.text_encoder:
-            files["model.mmn.text_encoder"] = Path(cfg.text_encoder)
-        return files
+    def needs(cls, cfg: Config, dataset) -> Needs:
+        return Needs(features=tuple(cfg.features),
+                     files={"model.mmn.text_encoder": cfg.text_encoder} if cfg.text_encoder else {})
 
     # data ----------------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ A clean-room reimplementation of xian-sh/MRNet (`ret/modeling/ret_model/ret_mode
 in docs/mrnet.md. MRNet is MMN with two changes:
 
 1. the query is a *frozen* 768-d sentence (or speech) feature computed offline
-   (`pipeline/sentence_features.py`), one token per sentence;
+   (`pipeline/text/sentence_features.py`), one token per sentence;
 2. a single-stream "TransRet" encoder runs over [the video's sentence tokens ; its N clip tokens]
    before MMN's 2D proposal map. Attention is "unlimited" in the language-related regions and a
    *maskable retention* in the video-to-video block: the pre-softmax logits are multiplied by
@@ -44,10 +44,20 @@ from models.common import (
     scaled_iou_bce_loss,
     windows_from_predictions,
 )
-from pipeline.features import FeatureFile, load_video
-from pipeline.params import Section
-from pipeline.sentence_features import query_key, read_query_features
-from pipeline.trainer import DataContext, GroundingModel, Optimization, StepContext, TrainConfig
+from pipeline.core.provenance import read_record, weights_record
+from pipeline.media.feature_pca import VideoPCAConfig
+from pipeline.media.features import FeatureFile, load_video
+from pipeline.text.sentence_features import QueryEncoderConfig, query_key, read_query_features
+from pipeline.training.trainer import (
+    DataContext,
+    GroundingModel,
+    Needs,
+    Optimization,
+    QueryFeatures,
+    ReducedFeatures,
+    StepContext,
+    TrainConfig,
+)
 
 # -- the maskable retention mask ------------------------------------------------------------------
 
@@ -276,26 +286,6 @@ class TransRet(nn.Module):
 # -- config ---------------------------------------------------------------------------------------
 
 
-class VideoPCAConfig(Section):
-    """`vmr feature-pca`: reduce `features/<source>.h5` to `features/<model.mrnet.feature>.h5` (TACoS)."""
-
-    source: str = "c3d"
-    components: int = Field(500, ge=1)
-    fit_on: Literal["train", "all"] = "train"  # "all": the official fit on every video of every split
-
-
-class QueryEncoderConfig(Section):
-    """How `vmr sentence-features` encodes the queries MRNet reads (frozen, offline)."""
-
-    modality: Literal["text", "audio"] = "text"  # NLMR: DistilBERT; SLMR: wav2vec2-style audio encoder
-    encoder_dir: str | None = None  # local Hugging Face directory; None: seeded random init (weights: random)
-    encoder_sha256: str | None = None  # sha256 of the weights file in encoder_dir, checked when given
-    # audio: JSON {sentence: wav path relative to the manifest}; None: synthetic stand-in utterances
-    audio_manifest: str | None = None
-    splits: list[str] = Field(default_factory=lambda: ["train", "test"])
-    batch_size: int = Field(32, ge=1)
-
-
 class VideoProjection(nn.Sequential):
     """The official `input_vid_proj`: [LN -> Dropout -> Linear -> ReLU] then [LN -> Dropout -> Linear]."""
 
@@ -421,7 +411,6 @@ class MRNet(GroundingModel):
         self._video_file = data.feature_file(cfg.feature)
         self._init_weights = None
         if cfg.init_weights:
-            from pipeline.provenance import weights_record
 
             self._init_weights = weights_record(cfg.init_weights, cfg.init_weights_sha256)
             self.load_state_dict(load_official_checkpoint(cfg.init_weights, cfg))
@@ -525,12 +514,13 @@ class MRNet(GroundingModel):
         return Optimization(optimizers=[opt], schedulers=[sched], interval="epoch")
 
     @classmethod
-    def input_files(cls, cfg: Config, data: DataContext) -> dict[str, Path]:
-        return {f"features.{cfg.feature}": data.feature_file(cfg.feature),
-                f"features.{cfg.query_feature}": data.feature_file(cfg.query_feature)}
+    def needs(cls, cfg: Config, dataset) -> Needs:
+        queries = QueryFeatures(cfg.query_feature, cfg.query_encoder, config_keys=("query_encoder", "query_feature"))
+        pca = None if cfg.video_pca is None else ReducedFeatures(cfg.feature, cfg.video_pca,
+                                                                 config_keys=("video_pca", "feature"))
+        return Needs(features=(cfg.feature,), query_features=queries, pca=pca)
 
     def weights_provenance(self) -> dict[str, str]:
-        from pipeline.provenance import read_record
 
         record = read_record(self._query_file) or {}
         out = {"query_encoder": record.get("weights", {}).get("query_encoder", "unknown")}

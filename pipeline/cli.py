@@ -1,13 +1,13 @@
 """`vmr`: one command per DVC stage, each runnable alone with `--params` and `--set` overrides.
 
 Commands are thin: load and validate params (exit 2 with one clear message on any problem), then
-call the stage module in `stages/`. Heavy imports (torch, decord) happen inside the commands so
-that `vmr --help` stays instant.
+call the stage module in `stages/`. Each command imports its own stage inside the function: the
+stages pull in torch and decord, which `vmr --help` and the other commands should not pay for.
+These are plain imports, so readers and `pipeline.core.codedeps` still see the graph.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -15,7 +15,9 @@ from typing import Annotated
 
 import typer
 
-from pipeline.params import Params, ParamsError, load_params
+from extractors import EXTRACTORS
+from models import MODELS
+from pipeline.core.params import Params, ParamsError, load_params
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -43,20 +45,16 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _params(path: Path, overrides: list[str] | None, profiles: list[Path] | None = None) -> Params:
     try:
-        return load_params(path, overrides or [], profiles or [])
+        return load_params(path, overrides or [], profiles or [], registries=(EXTRACTORS, MODELS))
     except ParamsError as e:
         _fail(str(e))
         raise  # unreachable: _fail raises
 
 
-def _stage(name: str):
-    return importlib.import_module(f"stages.{name}")
-
-
-def _run(params_path: Path, overrides, profiles, stage: str, **kwargs) -> None:
+def _run(params_path: Path, overrides, profiles, stage, **kwargs) -> None:
     params = _params(params_path, overrides, profiles)
     try:
-        _stage(stage).run(params, source=str(params_path), **kwargs)
+        stage.run(params, source=str(params_path), **kwargs)
     except ParamsError as e:  # raised when a stage checks its inputs before any work
         _fail(str(e))
 
@@ -73,7 +71,9 @@ def synth(
     charades_sta_{train,test}.txt, Charades_v1_{train,test}.csv, video_captions.json, and a
     synthetic GloVe-format text file glove.synthetic.<dim>d.txt.
     """
-    _run(params, set_, profile, "synth")
+    from stages import synth as stage
+
+    _run(params, set_, profile, stage)
 
 
 @app.command()
@@ -87,7 +87,9 @@ def decode(
     Reads: `decode.video_dir`, params `decode.*` and the sampling protocols of the enabled
     `features`. Writes: `decode.out_dir` (frames, per-video manifest, failures report).
     """
-    _run(params, set_, profile, "decode")
+    from stages import decode as stage
+
+    _run(params, set_, profile, stage)
 
 
 @app.command()
@@ -103,7 +105,9 @@ def extract(
     Reads: the frame store (`decode.out_dir`), params `extractors.<feature>`.
     Writes: `merge.npy_dir`/<feature>/<video_id>.npy (T, D) float32 + timestamps, provenance.
     """
-    _run(params, set_, profile, "extract", feature=feature, shard=shard)
+    from stages import extract as stage
+
+    _run(params, set_, profile, stage, feature=feature, shard=shard)
 
 
 @app.command()
@@ -117,7 +121,9 @@ def merge(
 
     Reads: `merge.npy_dir`/<feature>/, params `merge.*`. Writes: `merge.out_dir`/<feature>.h5.
     """
-    _run(params, set_, profile, "merge", feature=feature)
+    from stages import merge as stage
+
+    _run(params, set_, profile, stage, feature=feature)
 
 
 @app.command()
@@ -131,35 +137,44 @@ def vocab(
     Reads: the annotation splits of `dataset`, the GloVe text file `vocab.glove_file`.
     Writes: `vocab.out_dir`/{CLIP_tokenized_count.txt, GloVe_tokenized_count.txt, glove.pkl}.
     """
-    _run(params, set_, profile, "vocab")
+    from stages import vocab as stage
+
+    _run(params, set_, profile, stage)
 
 
-@app.command("sentence-features")
-def sentence_features(
+@app.command("query-features")
+def query_features(
+    model: Annotated[str, typer.Option(help="model whose frozen query features are encoded (MRNet).")],
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     profile: ProfileOpt = None,
 ) -> None:
-    """Encode every query once with a frozen encoder, for MRNet (text: DistilBERT; speech: wav2vec2-style).
+    """Encode every query once with the frozen encoder a model declares (MRNet: DistilBERT text or
+    wav2vec2-style speech).
 
-    Reads: the annotation splits of `dataset`, params `model.mrnet.query_encoder` (a local encoder
-    directory, or seeded random init). Writes: `merge.out_dir`/<model.mrnet.query_feature>.h5.
+    Reads: the annotation splits of `dataset`, the model's query-encoder config (a local encoder
+    directory, or seeded random init). Writes: `merge.out_dir`/<query feature name>.h5.
     """
-    _run(params, set_, profile, "sentence_features")
+    from stages import query_features as stage
+
+    _run(params, set_, profile, stage, model=model)
 
 
 @app.command("feature-pca")
 def feature_pca(
+    model: Annotated[str, typer.Option(help="model whose PCA-reduced input is made (MRNet on TACoS).")],
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     profile: ProfileOpt = None,
 ) -> None:
-    """Reduce merged video features with PCA for MRNet (TACoS C3D 4096-d -> 500-d).
+    """Reduce merged video features with the PCA a model declares (MRNet TACoS: C3D 4096-d -> 500-d).
 
-    Reads: `merge.out_dir`/<model.mrnet.video_pca.source>.h5, the train split (fit_on: train).
-    Writes: `merge.out_dir`/<model.mrnet.feature>.h5.
+    Reads: `merge.out_dir`/<pca source>.h5, the train split (fit_on: train).
+    Writes: `merge.out_dir`/<the model's feature>.h5.
     """
-    _run(params, set_, profile, "feature_pca")
+    from stages import feature_pca as stage
+
+    _run(params, set_, profile, stage, model=model)
 
 
 @app.command()
@@ -190,7 +205,9 @@ def train(
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc_per_node}", "-m", "pipeline.cli", *argv]
         os.execv(sys.executable, cmd)
-    _run(params, set_, profile, "train", model=model)
+    from stages import train as stage
+
+    _run(params, set_, profile, stage, model=model)
 
 
 @app.command()
@@ -206,7 +223,34 @@ def evaluate(
     Writes: `evaluate.out_dir`/<model>/metrics.json (with the random baseline) and predictions/
     (predictions.jsonl in Moment-DETR's format for grounding; similarity.npz for retrieval).
     """
-    _run(params, set_, profile, "evaluate", model=model)
+    from stages import evaluate as stage
+
+    _run(params, set_, profile, stage, model=model)
+
+
+@app.command()
+def dag(
+    params: ParamsOpt = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="where to write the DVC pipeline.")] = Path("dvc.yaml"),
+    check: Annotated[bool, typer.Option(help="only check that OUT is current; exit 1 if it is not.")] = False,
+) -> None:
+    """Write dvc.yaml from params.yaml and the code: each stage's code deps are its import closure,
+    each model's stages depend on exactly what its `needs()` names.
+
+    Reads: params.yaml, the project's source files. Writes: dvc.yaml (unless --check).
+    """
+    from pipeline.core.params import read_yaml
+    from pipeline.dag import build_dag, render
+
+    stages = build_dag(_params(params, None), read_yaml(params))
+    text = render(stages)
+    if check:
+        if not out.is_file() or out.read_text() != text:
+            _fail(f"{out} is not current for {params} and the code: run `vmr dag`", code=1)
+        typer.echo(f"{out} is current")
+        return
+    out.write_text(text)
+    typer.echo(f"wrote {out}: {len(stages['stages'])} stages")
 
 
 @app.command()
@@ -228,9 +272,9 @@ def score(
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.annotations import AnnotationError
-    from pipeline.atomic import write_json
-    from pipeline.evaluation import flatten_metrics, score_file
+    from pipeline.core.atomic import write_json
+    from pipeline.text.annotations import AnnotationError
+    from pipeline.training.evaluation import flatten_metrics, score_file
 
     for label, path in (("predictions", predictions), ("--annotations", annotations)):
         if not path.is_file():

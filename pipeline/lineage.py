@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.provenance import DIR_RECORD, read_record
+from pipeline.core.provenance import DIR_RECORD, read_record
 
 
 def find_record(path: Path) -> tuple[Path, dict[str, Any]] | None:

@@ -8,7 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.params import Params
+from pipeline.core.params import Params
+from pipeline.training.evaluation import flatten_metrics
 
 HEADLINE = ("R@1,IoU@0.3", "R@1,IoU@0.5", "R@1,IoU@0.7", "R@5,IoU@0.5", "mIoU", "mAP",
             "t2v_R1", "t2v_R5", "t2v_MdR", "v2t_R1")
@@ -19,17 +20,6 @@ def collect_metrics(results_dir: Path) -> dict[str, dict]:
     for path in sorted(results_dir.glob("*/metrics.json")):
         out[path.parent.name] = json.loads(path.read_text())
     return out
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, float]:
-    flat: dict[str, float] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            flat.update(_flat(v, key + "/"))
-        elif isinstance(v, (int, float)):
-            flat[key] = v
-    return flat
 
 
 def print_report(params: Params) -> None:
@@ -55,7 +45,8 @@ def print_report(params: Params) -> None:
         console.print("No evaluated model yet (no metrics.json under "
                       f"{params.evaluate.out_dir}/).")
         return
-    flat = {m: _flat(v) for m, v in metrics.items()}
+    flat = {m: {k: v for k, v in flatten_metrics(values).items() if isinstance(v, (int, float))}
+            for m, values in metrics.items()}
     columns = [c for c in HEADLINE if any(any(k.split("/")[-1] == c for k in f) for f in flat.values())]
     mt = Table(title=f"metrics ({params.evaluate.out_dir}/<model>/metrics.json)")
     mt.add_column("model")

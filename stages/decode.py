@@ -1,27 +1,36 @@
-"""Stage `decode`: raw videos -> frame store, for the sampling protocols of the enabled `features`."""
+"""Stage `decode`: raw videos -> frame store, for the sampling protocols of the enabled `features`
+and of the models in `models` that train on pixels (their `needs().frames`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.decode import decode_all, list_videos
-from pipeline.params import Params, ParamsError, require_files, subset
-from pipeline.progress import log, make_progress
-from pipeline.provenance import make_record, write_record
+import av
+import decord
+
+from extractors import EXTRACTORS
+from models import MODELS
+from pipeline.core.codedeps import stage_code
+from pipeline.core.params import Params, ParamsError, require_files, subset
+from pipeline.core.progress import log, make_progress
+from pipeline.core.provenance import make_record, write_record
+from pipeline.media.decode import decode_all, list_videos
 
 
-def protocols_for(params: Params, source: str = "params.yaml") -> list:
-    from extractors import EXTRACTORS
-    from models import MODELS
+def frame_models(params: Params) -> list[str]:
+    """The models of `models` that read decoded frames themselves."""
+    return [m for m in params.models if MODELS.get(m).needs(MODELS.config(params, m), params.dataset).frames]
 
-    protocols = [EXTRACTORS.get(name)(params.extractor_config(name)).protocol() for name in params.features]
-    # Models trained on pixels (GLSCL end to end) declare their own frame protocol.
-    for i, name in enumerate(params.decode.model_frames):
-        model = MODELS.get(name) if name in MODELS else None
-        if model is None or not hasattr(model, "frame_protocol"):
-            raise ParamsError(f"{source}: key 'decode.model_frames.{i}': '{name}' is not a model that "
-                              "reads decoded frames")
-        protocols.append(model.frame_protocol())
+
+def members(params: Params) -> list[type]:
+    """The registry members whose code decides what decode keeps."""
+    return [EXTRACTORS.get(f) for f in params.features] + [MODELS.get(m) for m in frame_models(params)]
+
+
+def protocols_for(params: Params) -> list:
+    protocols = [EXTRACTORS.get(name)(EXTRACTORS.config(params, name)).protocol() for name in params.features]
+    for name in frame_models(params):
+        protocols.append(MODELS.get(name).needs(MODELS.config(params, name), params.dataset).frames)
     return protocols
 
 
@@ -34,7 +43,7 @@ def run(params: Params, source: str, **_: object) -> None:
         raise ParamsError(f"{source}: key 'decode.video_dir': {e}") from None
     if not videos:
         raise ParamsError(f"{source}: key 'decode.video_dir': no video files in {p.video_dir}")
-    protocols = protocols_for(params, source)
+    protocols = protocols_for(params)
 
     with make_progress() as progress:
         bar = progress.add_task("decode", total=len(videos))
@@ -55,7 +64,8 @@ def run(params: Params, source: str, **_: object) -> None:
         subset(params, "decode", "features")
         | {"protocols": {pr.key: pr.as_dict() for pr in protocols}},
         inputs={"videos": p.video_dir},
-        extra={"decoder": _decoder_versions()},
+        extra={"decoder": {"decord": decord.__version__, "pyav": av.__version__}},
+        code=stage_code("decode", members(params)),
     )
     write_record(Path(p.out_dir), record)
     log(
@@ -69,10 +79,3 @@ def run(params: Params, source: str, **_: object) -> None:
             f"decode: {len(summary.failed)}/{summary.total} videos failed "
             f"({summary.failure_share:.1%} > decode.max_failure_share={p.max_failure_share:g})"
         )
-
-
-def _decoder_versions() -> dict[str, str]:
-    import av
-    import decord
-
-    return {"decord": decord.__version__, "pyav": av.__version__}

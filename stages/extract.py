@@ -1,4 +1,4 @@
-"""Stage `extract@<feature>`: frame store -> `merge.npy_dir`/<feature>/<vid>.npy (+ .json timestamps)."""
+"""Stage `extract-<feature>`: frame store -> `merge.npy_dir`/<feature>/<vid>.npy (+ .json timestamps)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline.atomic import write_json
-from pipeline.extract import extract_videos, parse_shard, resolve_device, shard_of
-from pipeline.framestore import FrameStore
-from pipeline.params import Params, ParamsError, require_files, subset
-from pipeline.progress import log, make_progress
-from pipeline.provenance import make_record, weights_record, write_record
+from extractors import EXTRACTORS
+from pipeline.core.atomic import write_json
+from pipeline.core.codedeps import stage_code
+from pipeline.core.params import Params, ParamsError, require_files, subset
+from pipeline.core.progress import log, make_progress
+from pipeline.core.provenance import make_record, read_record, weights_record, write_record
+from pipeline.media.extract import extract_videos, parse_shard, resolve_device, shard_of
+from pipeline.media.framestore import FrameStore
 
 
 def build(extractor) -> tuple[torch.nn.Module, str]:
@@ -25,11 +27,9 @@ def build(extractor) -> tuple[torch.nn.Module, str]:
 
 
 def run(params: Params, source: str, feature: str, shard: str | None = None, **_: object) -> None:
-    from extractors import EXTRACTORS
-
     if feature not in EXTRACTORS:
         raise ParamsError(f"--feature {feature}: unknown extractor; expected one of {EXTRACTORS.names()}")
-    config = params.extractor_config(feature)
+    config = EXTRACTORS.config(params, feature)
     extractor = EXTRACTORS.get(feature)(config)
     store_dir = params.decode.out_dir
     require_files(
@@ -67,18 +67,20 @@ def run(params: Params, source: str, feature: str, shard: str | None = None, **_
             extractor, model, device, store, ids, out_dir, weights,
             all_video_ids=all_ids, progress=lambda: progress.advance(bar),
         )
+    decode_record = read_record(store.root)
     record = make_record(
-        f"extract@{feature}",
+        f"extract-{feature}",
         subset(params, "decode.out_dir", "merge.npy_dir") | {f"extractors.{feature}": config.model_dump()},
         inputs={"frames": store_dir},
         weights={feature: weights},
         extra={
             "extractor": extractor.describe(),
-            "decoder": _decoder(store),
+            "decoder": None if decode_record is None else decode_record.get("decoder"),
             "shard": [index, count],
             "device_type": device.type,
             "torch": torch.__version__,
         },
+        code=stage_code("extract", [EXTRACTORS.get(feature)]),
     )
     if count == 1:
         write_record(out_dir, record)
@@ -88,10 +90,3 @@ def run(params: Params, source: str, feature: str, shard: str | None = None, **_
         f"extract {feature}: shard {index}/{count}: {summary.videos} videos, {summary.computed} computed, "
         f"{summary.skipped} already done; {summary.units} units in {summary.seconds_model:.1f} s of model time"
     )
-
-
-def _decoder(store: FrameStore) -> str | None:
-    from pipeline.provenance import read_record
-
-    rec = read_record(store.root)
-    return None if rec is None else rec.get("decoder")

@@ -1,18 +1,19 @@
-"""Stage `merge@<feature>`: `merge.npy_dir`/<feature>/ -> `merge.out_dir`/<feature>.h5."""
+"""Stage `merge-<feature>`: `merge.npy_dir`/<feature>/ -> `merge.out_dir`/<feature>.h5."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from pipeline.h5merge import MergeError, export_npz, merge_to_hdf5
-from pipeline.params import Params, require_files, subset
-from pipeline.progress import log, make_progress
-from pipeline.provenance import make_record, read_record
+from extractors import EXTRACTORS
+from pipeline.core.codedeps import stage_code
+from pipeline.core.params import Params, require_files, subset
+from pipeline.core.progress import log, make_progress
+from pipeline.core.provenance import make_record, read_record
+from pipeline.media.h5merge import MergeError, export_npz, merge_to_hdf5
 
 
 def run(params: Params, source: str, feature: str, **_: object) -> None:
-    from extractors import EXTRACTORS
 
     p = params.merge
     src = Path(p.npy_dir) / feature
@@ -21,11 +22,12 @@ def run(params: Params, source: str, feature: str, **_: object) -> None:
     out = Path(p.out_dir) / f"{feature}.h5"
     upstream = _upstream_record(src)
     record = make_record(
-        f"merge@{feature}",
+        f"merge-{feature}",
         subset(params, "merge"),
         inputs={"features": str(src)},
         weights=upstream.get("weights"),
         extra={"extractor": upstream.get("extractor"), "decoder": upstream.get("decoder")},
+        code=stage_code("merge", [EXTRACTORS.get(feature)] if feature in EXTRACTORS else []),
     )
     with make_progress() as progress:
         bar = progress.add_task(f"merge {feature}", total=None)
@@ -35,7 +37,7 @@ def run(params: Params, source: str, feature: str, **_: object) -> None:
                 provenance=record, progress=lambda: progress.advance(bar),
             )
         except MergeError as e:
-            raise SystemExit(f"error: merge@{feature}: {e}") from None
+            raise SystemExit(f"error: merge-{feature}: {e}") from None
     log(f"merge {feature}: {summary.videos} videos, dim {summary.dim}, {summary.total_rows} rows -> {out}")
     if p.export_npz_dir:
         n = export_npz(out, Path(p.export_npz_dir) / feature)

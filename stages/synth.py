@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pipeline import provenance, synth
-from pipeline.params import Params, subset
-from pipeline.progress import log
-
-CODE = ("pipeline/synth.py", "stages/synth.py")  # also this stage's code deps in dvc.yaml
+from pipeline.core import provenance
+from pipeline.core.codedeps import stage_code
+from pipeline.core.params import Params, subset
+from pipeline.core.progress import log
+from pipeline.media import synth
 
 
 def run(params: Params, source: str) -> None:
@@ -18,7 +18,7 @@ def run(params: Params, source: str) -> None:
     )
     manifest = synth.generate(cfg, p.out_dir)
     record = provenance.make_record(
-        "synth", subset(params, "synth"), extra={"raw": True}, code=CODE
+        "synth", subset(params, "synth"), extra={"raw": True}, code=stage_code("synth")
     )
     provenance.write_record(p.out_dir, record)
     n_events = sum(len(v["events"]) for v in manifest["videos"].values())

@@ -1,21 +1,19 @@
-"""Stage `train@<model>`: train one registered model with the shared trainer (pipeline.trainer)."""
+"""Stage `train-<model>`: train one registered model with the shared trainer (pipeline.training)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from models import MODELS
-from pipeline import provenance
-from pipeline.params import Params, ParamsError, require_files, subset
-from pipeline.progress import is_rank_zero, log
-from pipeline.trainer import DataContext, fit
-
-CODE = ("pipeline/trainer.py", "pipeline/features.py", "pipeline/annotations.py", "pipeline/evaluation.py",
-        "pipeline/vocab.py", "pipeline/retrieval_data.py", "models", "stages/train.py")
+from pipeline.core import provenance
+from pipeline.core.codedeps import stage_code
+from pipeline.core.params import Params, ParamsError, require_files, subset
+from pipeline.core.progress import is_rank_zero, log
+from pipeline.training.trainer import DataContext, fit
 
 
 def data_context(params: Params, model: str) -> DataContext:
-    cfg = params.model_config_of(model)
+    cfg = MODELS.config(params, model)
     return DataContext(
         dataset=params.dataset,
         features_dir=Path(params.merge.out_dir),
@@ -26,20 +24,31 @@ def data_context(params: Params, model: str) -> DataContext:
     )
 
 
+def annotation_files(params: Params) -> dict[str, Path]:
+    """The annotation files every model reads: the splits, and the durations where the format needs them."""
+    d = params.dataset
+    files = {f"dataset.splits.{s}": Path(p) for s, p in d.splits.items()}
+    if d.format == "charades_sta":
+        files |= {f"dataset.durations.{i}": Path(p) for i, p in enumerate(d.durations)}
+    return files
+
+
+def model_inputs(params: Params, model: str, data: DataContext) -> dict[str, Path]:
+    """Every file training `model` reads, by role: the annotations and what the model needs."""
+    needs = MODELS.get(model).needs(MODELS.config(params, model), params.dataset)
+    return annotation_files(params) | data.input_files(needs)
+
+
 def check_inputs(params: Params, source: str, model: str, data: DataContext) -> dict[str, Path]:
-    """Every file training reads, by role; exits 2 naming the key if one is missing."""
-    cls = MODELS.get(model)
-    inputs = {f"dataset.splits.{s}": Path(p) for s, p in params.dataset.splits.items()}
-    inputs.update({f"dataset.durations.{i}": Path(p) for i, p in enumerate(params.dataset.durations)
-                   if params.dataset.format == "charades_sta"})
-    inputs.update(cls.input_files(params.model_config_of(model), data))
+    """`model_inputs`, after checking that each exists (exit 2 naming the key if one is missing)."""
+    inputs = model_inputs(params, model, data)
     require_files(source, {k: str(v) for k, v in inputs.items()})
     return inputs
 
 
 def run(params: Params, source: str, model: str) -> None:
     cls = MODELS.get(model)
-    cfg = params.model_config_of(model)
+    cfg = MODELS.config(params, model)
     t = params.trainer
     data = data_context(params, model)
     inputs = check_inputs(params, source, model, data)
@@ -50,6 +59,7 @@ def run(params: Params, source: str, model: str) -> None:
     if selects_on_eval:
         log(f"WARNING: model selection on '{t.select_split}', the split evaluate reports (as the seeds did): "
             "the reported numbers are optimistic")
+    code = stage_code("train", [cls])
     result = fit(
         model, cls, cfg, data,
         device=t.device, num_workers=t.num_workers, select_split=t.select_split,
@@ -57,21 +67,21 @@ def run(params: Params, source: str, model: str) -> None:
         resume=t.resume, keep_checkpoints=t.keep_checkpoints,
         # Code and input digests in the record: a checkpoint of older code or of other features,
         # vocabularies or annotations is never resumed (DVC keeps checkpoints: persist).
-        config_record={"dataset": params.dataset.model_dump(), "code": provenance.code_version(CODE),
+        config_record={"dataset": params.dataset.model_dump(), "code": provenance.code_version(code),
                        "inputs": {role: provenance.sha256_path(path) for role, path in inputs.items()}},
     )
     if result is None or not is_rank_zero():
         return
     record = provenance.make_record(
-        f"train@{model}",
+        f"train-{model}",
         subset(params, "seed", "dataset", "trainer", f"model.{model}") if model in params.model
         else subset(params, "seed", "dataset", "trainer"),
         inputs=inputs,
         weights=result.weights,
-        code=CODE,
+        code=code,
         extra={"model_config": cfg.model_dump(), "selected_epoch": result.best_epoch,
                "selected_on": t.select_split, "selected_on_evaluated_split": selects_on_eval,
                "selection_metrics": result.best_metrics},
     )
     provenance.write_record(result.best_path, record)
-    log(f"train@{model}: kept epoch {result.best_epoch} -> {result.best_path}")
+    log(f"train-{model}: kept epoch {result.best_epoch} -> {result.best_path}")

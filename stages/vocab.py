@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import vocab
-from pipeline.annotations import AnnotationError, load_dataset_split
-from pipeline.atomic import write_json, write_text
-from pipeline.params import Params, ParamsError, require_files, subset
-from pipeline.progress import log
-from pipeline.provenance import make_record, write_record
+from pipeline.core.atomic import write_json, write_text
+from pipeline.core.codedeps import stage_code
+from pipeline.core.params import Params, ParamsError, require_files, subset
+from pipeline.core.progress import log
+from pipeline.core.provenance import make_record, write_record
+from pipeline.text import vocab
+from pipeline.text.annotations import AnnotationError, load_dataset_split
 
-CODE = ("pipeline/annotations.py", "pipeline/vocab.py", "stages/vocab.py")  # this stage's code deps in dvc.yaml
 OUTPUTS = ("CLIP_tokenized_count.txt", "GloVe_tokenized_count.txt", "glove.pkl", "vocab_report.json")
 
 
@@ -70,6 +70,6 @@ def run(params: Params, source: str, **_: object) -> None:
     if v.glove_file:
         inputs["glove"] = v.glove_file
     write_record(out, make_record("vocab", subset(params, "dataset", "vocab"), inputs=inputs,
-                                  extra={"pos_tagger": summary["pos_tagger"]}, code=CODE))
+                                  extra={"pos_tagger": summary["pos_tagger"]}, code=stage_code("vocab")))
     log(f"vocab: {len(sentences)} sentences from {list(v.splits)} -> {len(clip_counts)} CLIP tokens, "
         f"{len(glove_counts)} count words, glove.pkl {summary['glove_pkl_words']} words -> {out}")

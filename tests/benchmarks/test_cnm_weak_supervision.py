@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.annotations import load_split
+from pipeline.text.annotations import load_split
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "cnm_weak_supervision.py"

@@ -1,4 +1,4 @@
-"""Clip-level networks: parameter counts, FLOPs, every official weights format, PCA, determinism.
+"""Snippet-level networks: parameter counts, FLOPs, every official weights format, PCA, determinism.
 
 Weights files are generated here in exactly the official containers (same keys, shapes, nesting);
 the Caffe2 SlowFast blob list is written out from the architecture independently of the mapping
@@ -17,10 +17,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from extractors import EXTRACTORS
-from extractors._base import WeightsError
 from extractors.c3d import C3D, PCAProjection
 from extractors.i3d import InceptionI3d, build_i3d_r50, i3d_r50_features
 from extractors.slowfast import build_slowfast_r50, caffe2_key, slowfast_features
+from pipeline.nets.checkpoints import WeightsError
 
 
 def n_params(module: torch.nn.Module, skip: str | None = None) -> int:

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from extractors import EXTRACTORS
-from extractors._base import WeightsError
-from extractors.clip import OPENAI_MEAN, OPENAI_STD, ClipExtractor
-from pipeline.provenance import sha256_file, weights_record
+from extractors.clip import ClipExtractor
+from pipeline.core.provenance import sha256_file, weights_record
+from pipeline.nets.checkpoints import WeightsError
+from pipeline.nets.clip import IMAGE_MEAN, IMAGE_STD
 
 
 class _OpenAIJit(torch.nn.Module):
@@ -131,11 +132,11 @@ def test_preprocessing_variants():
     x = torch.full((1, 224, 224, 3), 128, dtype=torch.uint8)
     hero = ClipExtractor(ClipExtractor.Config(preprocess="hero")).preprocess(x)
     openai = ClipExtractor(ClipExtractor.Config(preprocess="openai")).preprocess(x)
-    expect = (128 / 255 - np.array(OPENAI_MEAN)) / np.array(OPENAI_STD)
+    expect = (128 / 255 - np.array(IMAGE_MEAN)) / np.array(IMAGE_STD)
     assert hero.shape == (1, 3, 224, 224)
     np.testing.assert_allclose(openai[0, :, 0, 0].numpy(), expect, rtol=1e-6)
     np.testing.assert_allclose(
-        hero[0, :, 0, 0].numpy(), (128 / 255 - np.array(OPENAI_MEAN)) / (np.array(OPENAI_STD) + 1e-8), rtol=1e-6
+        hero[0, :, 0, 0].numpy(), (128 / 255 - np.array(IMAGE_MEAN)) / (np.array(IMAGE_STD) + 1e-8), rtol=1e-6
     )
     assert ClipExtractor(ClipExtractor.Config(preprocess="openai")).protocol().interpolation == "bicubic"
     p = ClipExtractor(ClipExtractor.Config(clip_len=2)).protocol()

@@ -36,10 +36,10 @@ from models.cnm import (
     sinusoidal_positions,
     smoothed_nll,
 )
-from pipeline.annotations import Query
-from pipeline.features import average_to_clips
-from pipeline.params import DatasetParams
-from pipeline.trainer import DataContext, fit
+from pipeline.core.params import DatasetParams
+from pipeline.media.features import average_to_clips
+from pipeline.text.annotations import Query
+from pipeline.training.trainer import DataContext, fit
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(hidden_size=16, num_heads=2, num_decoder_layers1=1, num_decoder_layers2=1, max_num_frames=8)

@@ -6,19 +6,43 @@ import json
 import math
 import os
 
+import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.glscl import (
-    GLSCL,
+from models.glscl import GLSCL
+from models.glscl.data import (
+    FeatureClips,
+    FrameClips,
+    check_one_frame_per_second,
+    glscl_protocol,
+    keep_uniformly,
+    retrieval_pairs,
+    tokenize,
+)
+from models.glscl.model import (
     BertAdam,
     all_gather_local_grad,
     contrastive_loss,
     inter_consistency_loss,
     intra_diversity_loss,
     warmup_cosine,
+)
+from pipeline.core.params import DatasetParams
+from pipeline.core.provenance import sha256_file
+from pipeline.media.features import FeatureFile
+from pipeline.media.h5merge import merge_to_hdf5
+from pipeline.nets.clip import IMAGE_MEAN, IMAGE_STD
+from pipeline.text.annotations import load_msrvtt_video_list
+from pipeline.training.trainer import (
+    DataContext,
+    RetrievalResult,
+    fit,
+    load_for_evaluation,
+    predict_and_score,
+    setup_distributed,
 )
 
 TINY = dict(embed_dim=64, text_width=64, text_layers=2, vision_width=64, vision_layers=1, image_size=64,
@@ -259,8 +283,6 @@ def test_loads_openai_state_dict_and_checks_sha(tmp_path):
     state.update(input_resolution=torch.tensor(64), context_length=torch.tensor(16), vocab_size=torch.tensor(1000))
     path = tmp_path / "ViT-B-32.pt"
     torch.save(state, path)
-    from pipeline.provenance import sha256_file
-
     loaded = GLSCL(GLSCL.Config(**TINY, weights=str(path), weights_sha256=sha256_file(path)))
     assert loaded.clip.logit_scale.item() == 4.0
     assert torch.equal(loaded.temporal.resblocks[1].mlp.c_fc.weight, state["transformer.resblocks.1.mlp.c_fc.weight"])
@@ -340,8 +362,6 @@ def test_ddp_all_gather_on_gloo(tmp_path):
 
 
 def test_tokenize_is_clip4clip_style():
-    from pipeline.retrieval_data import tokenize
-
     ids, mask = tokenize("a red circle moves to the left", 6)
     assert ids[0] == 49406 and ids[5] == 49407 and mask.tolist() == [1] * 6  # truncated to 4 words
     ids, mask = tokenize("a dog", 8)
@@ -350,8 +370,6 @@ def test_tokenize_is_clip4clip_style():
 
 
 def test_keep_uniformly_matches_released_linspace():
-    from pipeline.retrieval_data import keep_uniformly
-
     assert keep_uniformly(5, 12).tolist() == [0, 1, 2, 3, 4]
     assert keep_uniformly(30, 12).tolist() == np.linspace(0, 29, 12, dtype=int).tolist()
     assert keep_uniformly(30, 12)[[0, -1]].tolist() == [0, 29]
@@ -374,10 +392,6 @@ def _write_tiny_msrvtt(root):
 
 
 def test_msrvtt_pairs(tmp_path):
-    from pipeline.params import DatasetParams
-    from pipeline.retrieval_data import retrieval_pairs
-    from pipeline.trainer import DataContext
-
     _write_tiny_msrvtt(tmp_path)
     dataset = DatasetParams(name="msrvtt", format="msrvtt_json", video_captions=None,
                             splits={"train": str(tmp_path / "MSRVTT_data.json"),
@@ -386,7 +400,7 @@ def test_msrvtt_pairs(tmp_path):
     data = DataContext(dataset=dataset, features_dir=tmp_path, vocab_dir=tmp_path, frames_dir=tmp_path,
                        run_dir=tmp_path, seed=0)
     cfg = GLSCL.Config(source="msrvtt", input="features")
-    assert set(GLSCL.input_files(cfg, data)) == {"features.clip", "dataset.durations.0"}
+    assert set(data.input_files(GLSCL.needs(cfg, dataset))) == {"features.clip", "dataset.durations.0"}
     train = retrieval_pairs(cfg, data, "train")
     assert [(v, c) for _, v, c in train] == [("video0", "a man sings"), ("video0", "someone sings a song"),
                                              ("video1", "a cat runs"), ("video1", "the cat plays"),
@@ -396,17 +410,11 @@ def test_msrvtt_pairs(tmp_path):
 
 
 def test_msrvtt_real_split_files(shared_annotations):
-    from pipeline.annotations import load_msrvtt_video_list
-
     train = load_msrvtt_video_list(shared_annotations / "msrvtt" / "MSRVTT_train.9k.csv")
     assert len(train) == 9000 and len(set(train)) == 9000
 
 
 def test_feature_clips_sample_and_pad(tmp_path):
-    import h5py
-
-    from pipeline.retrieval_data import FeatureClips
-
     with h5py.File(tmp_path / "clip.h5", "w") as f:
         f["v1"] = np.arange(20 * 3, dtype=np.float32).reshape(20, 3)
         f["v2"] = np.ones((2, 3), dtype=np.float32)
@@ -419,19 +427,44 @@ def test_feature_clips_sample_and_pad(tmp_path):
         clips("v3")
 
 
+def _merged_features(root, row_seconds: float, name: str = "clip"):
+    """features/<name>.h5 as `vmr extract` + `vmr merge` write it: each row's window in the sidecar."""
+    src = root / "extracted"
+    src.mkdir(parents=True)
+    for vid, rows in (("a", 5), ("b", 3)):
+        np.save(src / f"{vid}.npy", np.ones((rows, 4), dtype=np.float32))
+        windows = [[k * row_seconds, (k + 1) * row_seconds] for k in range(rows)]
+        (src / f"{vid}.json").write_text(json.dumps({"windows": windows}))
+    merge_to_hdf5(src, root / "features" / f"{name}.h5")
+    return root / "features" / f"{name}.h5"
+
+
+def test_feature_rows_must_be_one_second_apart(tmp_path, capsys):
+    """GLSCL takes a feature row for a frame at 1 fps: the row times merge recorded must agree."""
+    one = _merged_features(tmp_path / "one", 1.0)
+    FeatureClips(one, max_frames=4)  # agrees: no error, nothing logged
+    assert "row times" not in capsys.readouterr().err
+
+    two = _merged_features(tmp_path / "two", 2.0)  # e.g. extractors.clip.clip_len: 2 (QVHighlights)
+    assert FeatureFile(two).seconds_per_row() == 2.0
+    with pytest.raises(ValueError, match=r"two/features/clip\.h5: its rows are 2 s apart.*model\.glscl\.feature: clip"):
+        FeatureClips(two, max_frames=4)
+
+    with h5py.File(tmp_path / "bare.h5", "w") as f:  # not written by `vmr extract`: no row times
+        f["a"] = np.ones((5, 4), dtype=np.float32)
+    check_one_frame_per_second(FeatureFile(tmp_path / "bare.h5"))  # trusted ...
+    assert "bare.h5: no row times" in capsys.readouterr().err  # ... and said so
+
+
 # -- the shared trainer: train + evaluate on frozen features ------------------------------------------
 
 COLOURS = ["red", "green", "blue", "white", "yellow", "purple"]
 SHAPES = ["circle", "square", "triangle"]
 
 
-def _tiny_retrieval_dataset(root, dim=64):
+def _tiny_retrieval_dataset(root, dim=64, row_seconds: float | None = None):
     """18 videos (12 train / 6 test): a caption names a colour and a shape, and the video's frozen frame
-    features carry them in fixed random directions plus noise."""
-    import h5py
-
-    from pipeline.params import DatasetParams
-
+    features carry them in fixed random directions plus noise. `row_seconds`: row times to record."""
     rng = np.random.default_rng(0)
     colour_dir, shape_dir = rng.normal(size=(6, dim)), rng.normal(size=(3, dim))
     vids = [f"S{i:04d}" for i in range(18)]
@@ -445,6 +478,8 @@ def _tiny_retrieval_dataset(root, dim=64):
             captions[vid] = f"the {COLOURS[c]} {SHAPES[s]} moves"
             t = 3 + i % 5
             f[vid] = (colour_dir[c] + shape_dir[s] + 0.3 * rng.normal(size=(t, dim))).astype(np.float32)
+            if row_seconds is not None:
+                f[vid].attrs["windows"] = row_seconds * np.stack([np.arange(t), np.arange(1, t + 1)], axis=1)
             lines["train" if i < 12 else "test"].append(f"{vid} 0.0 1.0##{captions[vid]}.\n")
     (ann / "video_captions.json").write_text(json.dumps(captions))
     rows = "".join(f"{v},,,,,,,,,,10.0\n" for v in vids)
@@ -456,28 +491,28 @@ def _tiny_retrieval_dataset(root, dim=64):
                          durations=[str(ann / "durations.csv")], video_captions=str(ann / "video_captions.json"))
 
 
-def test_trains_and_evaluates_on_frozen_features_with_the_shared_trainer(tmp_path):
-    from pipeline.trainer import (
-        DataContext,
-        _eval_data,
-        fit,
-        load_for_evaluation,
-        predict_and_score,
-        setup_distributed,
-    )
+def test_the_row_time_check_runs_when_glscl_builds_its_data(tmp_path):
+    dataset = _tiny_retrieval_dataset(tmp_path, row_seconds=2.0)
+    data = DataContext(dataset=dataset, features_dir=tmp_path / "features", vocab_dir=tmp_path / "vocab",
+                       frames_dir=tmp_path / "frames", run_dir=tmp_path / "runs" / "glscl", seed=0)
+    model = GLSCL(GLSCL.Config(**{**TINY, "vocab_size": 49408, "input": "features"}), data)
+    with pytest.raises(ValueError, match="clip.h5: its rows are 2 s apart"):
+        model.build_dataset("train", data, train=True)
 
+
+def test_trains_and_evaluates_on_frozen_features_with_the_shared_trainer(tmp_path):
     dataset = _tiny_retrieval_dataset(tmp_path)
     data = DataContext(dataset=dataset, features_dir=tmp_path / "features", vocab_dir=tmp_path / "vocab",
                        frames_dir=tmp_path / "frames", run_dir=tmp_path / "runs" / "glscl", seed=0)
     cfg = GLSCL.Config(**{**TINY, "vocab_size": 49408, "context_length": 32, "max_words": 16,
                           "input": "features", "epochs": 12, "batch_size": 6, "eval_batch_size": 4,
                           "coef_lr": 1.0, "lr": 1e-3, "weight_decay": 0.0, "eval_every": 12})
-    assert set(GLSCL.input_files(cfg, data)) == {"features.clip", "dataset.video_captions"}
+    assert set(data.input_files(GLSCL.needs(cfg, dataset))) == {"features.clip", "dataset.video_captions"}
     result = fit("glscl", GLSCL, cfg, data, device="cpu", select_split="test", amp=False)
     assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
     env = setup_distributed("cpu")
     model, state = load_for_evaluation(GLSCL, result.best_path, data, env.device)
-    preds, metrics = predict_and_score(model, _eval_data(model, "test", data), 4, env)
+    preds, metrics = predict_and_score(model, model.eval_data("test", data), 4, env)
     assert preds.similarity.shape == (6, 6) and preds.text_vids == preds.video_vids
     assert metrics == pytest.approx(result.best_metrics)
     assert {"t2v_R1", "t2v_R5", "t2v_MdR", "t2v_MnR", "v2t_R1"} <= set(metrics)
@@ -485,8 +520,6 @@ def test_trains_and_evaluates_on_frozen_features_with_the_shared_trainer(tmp_pat
 
 
 def test_metrics_follow_clip4clip_ties():
-    from pipeline.trainer import RetrievalResult
-
     sim = torch.tensor([[0.9, 0.9, 0.1], [0.2, 0.8, 0.3], [0.1, 0.5, 0.4]])
     # videos listed in another order: metrics() puts each text's video on the diagonal first
     result = RetrievalResult(similarity=sim[:, [2, 0, 1]], text_qids=[0, 1, 2], text_vids=["a", "b", "c"],
@@ -496,9 +529,7 @@ def test_metrics_follow_clip4clip_ties():
 
 
 def _write_frame_store(root, videos: dict[str, np.ndarray]):
-    """The decode stage's layout (pipeline/framestore.py) for GLSCL's protocol."""
-    from pipeline.retrieval_data import glscl_protocol
-
+    """The decode stage's layout (pipeline/media/framestore.py) for GLSCL's protocol."""
     key = glscl_protocol().key
     (root / key).mkdir(parents=True)
     (root / "videos").mkdir()
@@ -512,15 +543,13 @@ def _write_frame_store(root, videos: dict[str, np.ndarray]):
 
 
 def test_frame_clips_from_the_frame_store_with_clip_consistent_augmentation(tmp_path):
-    from pipeline.retrieval_data import CLIP_MEAN, CLIP_STD, FrameClips
-
     rng = np.random.default_rng(0)
     still = np.repeat(rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8), 20, axis=0)  # 20 s, one image
     _write_frame_store(tmp_path, {"still": still, "short": still[:3]})
     video, mask = FrameClips(tmp_path, max_frames=12, size=224)("still")
     assert video.shape == (12, 3, 224, 224) and mask.tolist() == [1] * 12
-    expected = (torch.from_numpy(still[0]).permute(2, 0, 1) / 255.0 - torch.tensor(CLIP_MEAN)[:, None, None]) \
-        / torch.tensor(CLIP_STD)[:, None, None]
+    expected = (torch.from_numpy(still[0]).permute(2, 0, 1) / 255.0 - torch.tensor(IMAGE_MEAN)[:, None, None]) \
+        / torch.tensor(IMAGE_STD)[:, None, None]
     assert torch.allclose(video[0], expected, atol=1e-5)
     video, mask = FrameClips(tmp_path, max_frames=12, size=224)("short")
     assert mask.tolist() == [1] * 3 + [0] * 9 and video[3:].abs().sum() == 0
@@ -531,8 +560,6 @@ def test_frame_clips_from_the_frame_store_with_clip_consistent_augmentation(tmp_
 
 
 def test_end_to_end_frames_forward_and_backward_reach_the_image_tower(tmp_path):
-    from pipeline.retrieval_data import FrameClips, tokenize
-
     rng = np.random.default_rng(1)
     _write_frame_store(tmp_path, {f"v{i}": rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8) for i in range(2)})
     clips = FrameClips(tmp_path, max_frames=4, size=64)

@@ -1,5 +1,6 @@
 """MESM: losses and matcher against hand computations, masking, negatives, batching, overfitting,
-parameter counts of the published configs, the CLIP checkpoint format, a QVHighlights-format run."""
+parameter counts of the published configs, the CLIP checkpoint format, a QVHighlights-format run,
+MESM's clamped pooling of long videos and the clip_len check against the feature file's row times."""
 
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ from torch import nn
 
 from models.mesm import (
     MESM,
+    ClipTextEncoder,
     MESMCriterion,
     MESMNet,
     MesmTokenizer,
+    build_clip_text_tower,
     decode_predictions,
     generalized_temporal_iou,
     label_smoothed_nll,
+    load_clip_text_checkpoint,
     mask_words,
     match_hungarian,
     match_top1,
@@ -31,10 +35,17 @@ from models.mesm import (
     segment_sentence_loss,
     span_xx_to_cxw,
 )
-from pipeline.annotations import Query
-from pipeline.trainer import DataContext
-from pipeline.vocab import load_glove_pkl
-from pipeline.vocab import write_glove_pkl as write_glove_pkl_file
+from pipeline.media.features import average_to_clips, l2_normalize
+from pipeline.text.annotations import Query
+from pipeline.text.vocab import load_glove_pkl
+from pipeline.text.vocab import write_glove_pkl as write_glove_pkl_file
+from pipeline.training.trainer import (
+    DataContext,
+    fit,
+    load_for_evaluation,
+    predict_and_score,
+    setup_distributed,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -369,8 +380,6 @@ def test_parameter_count_equals_official(profile):
 
 
 def test_clip_text_checkpoint_roundtrip_and_truncation(tmp_path):
-    from models.mesm import ClipTextEncoder, build_clip_text_tower, load_clip_text_checkpoint
-
     torch.manual_seed(0)
     source = build_clip_text_tower()
     state = {k: v.half() for k, v in source.state_dict().items()}  # as clip.load's fp16 weights
@@ -510,14 +519,6 @@ def test_sentence_feature_conventions():
 
 
 def test_trains_and_reloads_under_the_shared_trainer(charades_world):
-    from pipeline.trainer import (
-        _eval_data,
-        fit,
-        load_for_evaluation,
-        predict_and_score,
-        setup_distributed,
-    )
-
     data = charades_world.data
     cfg = tiny_config(epochs=2, select_metric="R@1,IoU@0.5")
     result = fit("mesm", MESM, cfg, data, device="cpu", select_split="test", resume=False)
@@ -525,7 +526,7 @@ def test_trains_and_reloads_under_the_shared_trainer(charades_world):
     assert "test/R@1,IoU@0.5" in result.history[-1] and "train/loss_rec_ss" in result.history[-1]
     env = setup_distributed("cpu")
     model, state = load_for_evaluation(MESM, result.best_path, data, env.device)
-    preds, metrics = predict_and_score(model, _eval_data(model, "test", data), cfg.eval_batch_size, env)
+    preds, metrics = predict_and_score(model, model.eval_data("test", data), cfg.eval_batch_size, env)
     assert [p["qid"] for p in preds] == [q.qid for q in data.queries("test")]
     assert metrics == pytest.approx(state["metrics"])  # the reloaded model predicts what was selected
 
@@ -539,3 +540,37 @@ def test_optional_video_standardisation(charades_world):
     assert frames.mean(0).abs().max() < 1e-4 and (frames.std(0, unbiased=False) - 1).abs().max() < 1e-3
     plain = MESM(tiny_config(), data).build_dataset("train", data, train=True)[0][0]["video"]
     assert torch.allclose(plain[:, :12], torch.nn.functional.normalize(plain[:, :12], dim=1))  # MESM: L2 only
+
+
+def test_long_videos_are_pooled_with_mesm_clamped_bins(charades_world):
+    """MESM's sample_video_feat clamps the bin edges to T-1 (lntzm/MESM dataset/base.py:104): a pooled
+    video is `average_to_clips` of its L2-normalised frames, and its last frame is never averaged in."""
+    data = charades_world.data
+    ds = MESM(tiny_config(max_video_l=8), data).build_dataset("train", data, train=True)
+    video = ds[2][0]["video"]  # V2: 22 frames -> 8
+    with h5py.File(data.feature_file("clip"), "r") as h5:
+        frames = h5["V2"][()]
+    frames = l2_normalize(frames)
+    np.testing.assert_allclose(video[:, :12].numpy(), average_to_clips(frames, 8), rtol=1e-6)
+    # edges round(i * 22 / 8) = 0, 3, 6, 8, 11, 14, 16, 19, 22 -> 21: the last bin is frames 19 and 20
+    np.testing.assert_allclose(video[-1, :12].numpy(), frames[19:21].mean(0), rtol=1e-6)
+
+
+def write_row_windows(path: Path, seconds: float) -> None:
+    """The `windows` attribute merge writes from extract's sidecars: (start, end) seconds per row."""
+    with h5py.File(path, "a") as h5:
+        for vid in h5:
+            t = seconds * np.arange(len(h5[vid]))
+            h5[vid].attrs["windows"] = np.stack([t, t + seconds], axis=1)
+
+
+def test_clip_len_is_checked_against_the_feature_rows(charades_world):
+    data = charades_world.data
+    MESM(tiny_config(clip_len=2.0), data)  # no row times in the file: the config is trusted
+    write_row_windows(data.feature_file("clip"), 1 / 6)
+    MESM(tiny_config(clip_len=0.17), data)  # MESM's VGG config: 1/6 s written as 0.17
+    MESM(tiny_config(clip_len=-1), data)  # TACoS: normalised times, nothing to check
+    with pytest.raises(ValueError, match=r"model\.mesm\.clip_len is 1\.0 s but .*clip\.h5 has a feature row every 0\.1667 s"):
+        MESM(tiny_config(clip_len=1.0), data)
+    with pytest.raises(ValueError, match="clip_len"):
+        tiny_config(clip_len=0)

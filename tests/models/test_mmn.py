@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.toy import toy_context  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
-from _toy import toy_context  # noqa: E402
-
+from models import MODELS  # noqa: E402
 from models.common import (  # noqa: E402
     SparseMaxPool,
     fuse_scores,
@@ -24,7 +23,7 @@ from models.common import (  # noqa: E402
     sparse_proposal_mask,
 )
 from models.mmn import MMN, collate_videos  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
+from pipeline.core.params import load_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILES = {name: REPO / "profiles" / f"mmn_{name}.yaml" for name in
@@ -47,7 +46,7 @@ def toy(tmp_path_factory):
 
 
 def published(name: str) -> MMN.Config:
-    cfg = load_params(REPO / "params.yaml", [], [PROFILES[name]]).model_config_of("mmn")
+    cfg = MODELS.config(load_params(REPO / "params.yaml", [], [PROFILES[name]]), "mmn")
     return cfg.model_copy(update={"features": ["toy"]})  # the toy file stands in; input_size is explicit
 
 
@@ -227,7 +226,7 @@ def test_overfitting_one_batch_drives_the_loss_near_zero(toy):
     opt = model.configure_optimizers().optimizers[0]
     model.train()
     model.on_train_epoch_start(1)
-    from pipeline.trainer import StepContext
+    from pipeline.training.trainer import StepContext
 
     ctx = StepContext(epoch=1, step=0, world_size=1, optimizer_step=lambda *a, **k: None)
     first = None
@@ -295,7 +294,7 @@ def test_random_encoder_tokenizer_travels_in_the_state_dict(toy):
 def test_distilbert_from_a_local_hf_directory(tmp_path, toy):
     from transformers import DistilBertConfig, DistilBertModel, DistilBertTokenizer
 
-    from pipeline.provenance import sha256_file
+    from pipeline.core.provenance import sha256_file
 
     hf = tmp_path / "distilbert"
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "person", "does", "thing", "door", "open", "##s", "."]
@@ -333,9 +332,9 @@ def test_wordpiece_vocabulary_is_the_same_in_another_process():
     # tokenizers' own WordPiece trainer gives different vocabularies in different processes
     import subprocess
 
-    from models.mmn import train_wordpiece
+    from pipeline.text.tokenizers import train_wordpiece
 
-    code = ("from models.mmn import train_wordpiece; import sys; "
+    code = ("from pipeline.text.tokenizers import train_wordpiece; import sys; "
             "print(train_wordpiece(['The white circle grows bigger.', 'a red square moves up!'] * 3, 60).to_str())")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            cwd=REPO).stdout.strip()

@@ -143,9 +143,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models.mrnet import MRNet, query_order, total_loss  # noqa: E402
-from pipeline.params import DatasetParams  # noqa: E402
-from pipeline.sentence_features import write_query_features  # noqa: E402
-from pipeline.trainer import DataContext, StepContext  # noqa: E402
+from pipeline.core.params import DatasetParams  # noqa: E402
+from pipeline.text.sentence_features import write_query_features  # noqa: E402
+from pipeline.training.trainer import DataContext, StepContext  # noqa: E402
 
 KINDS = ["the red circle moves left", "a square grows", "the triangle turns blue", "the star disappears"]
 TINY = dict(
@@ -324,7 +324,7 @@ def test_official_checkpoint_loads(tiny, tmp_path, projection):
     path = tmp_path / "pool_model_14.pth"
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": 14}, path)
-    from pipeline.provenance import sha256_file
+    from pipeline.core.provenance import sha256_file
 
     loaded = MRNet(cfg.model_copy(update={"init_weights": str(path), "init_weights_sha256": sha256_file(path)}), tiny)
     ours = loaded.state_dict()
@@ -340,7 +340,7 @@ def test_official_checkpoint_loads(tiny, tmp_path, projection):
 
 def test_learns_to_ground_through_the_trainer(tmp_path):
     """End to end with the shared trainer: a few epochs beat the random-proposal baseline widely."""
-    from pipeline.trainer import fit, random_grounding_predictions
+    from pipeline.training.trainer import fit, random_grounding_predictions
 
     data = make_tiny_dataset(tmp_path, num_train=32, num_test=12)
     cfg = MRNet.Config(**{**TINY, "feature": "toy", "query_feature": "query_toy", "epochs": 6, "eval_every": 6,

@@ -21,10 +21,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline import provenance
 from pipeline.cli import app
+from pipeline.core import provenance
+from pipeline.core.params import deep_merge
 from pipeline.lineage import lineage_chain
-from pipeline.params import deep_merge
 
 REPO = Path(__file__).resolve().parents[2]
 # Parameters to change in step 3, most specific first: the first one some stage reads is used.
@@ -70,6 +70,8 @@ def clean_copy(dest: Path, profile: Path) -> Path:
     params = deep_merge(yaml.safe_load((dest / "params.yaml").read_text()), yaml.safe_load(profile.read_text()))
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (dest / "dvc.lock").unlink(missing_ok=True)  # the lock of the default run does not apply
+    # dvc.yaml follows params.yaml: regenerate it for the merged profile, as `make repro` does
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "dag"], cwd=dest, check=True, capture_output=True)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.email=ci@vmr", "-c", "user.name=ci", "commit", "-qm", "x"]):
         subprocess.run(cmd, cwd=dest, check=True)

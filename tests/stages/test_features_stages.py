@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import h5py
@@ -13,11 +12,10 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.provenance import read_record
+from pipeline.core.provenance import read_record
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "pipeline"))
-from _videos import write_video  # noqa: E402
+from support.videos import write_video  # noqa: E402
 
 runner = CliRunner()
 
@@ -58,7 +56,7 @@ def test_clip_and_vgg_profile_end_to_end(workspace):
             assert {k: f[k].shape for k in f} == {v: (n, dim) for v, n in counts.items()}
             assert all(np.isfinite(f[k][:]).all() for k in f)
         prov = read_record(h5)
-        assert prov["stage"] == f"merge@{feature}" and prov["weights"] == {feature: "random"}
+        assert prov["stage"] == f"merge-{feature}" and prov["weights"] == {feature: "random"}
         assert prov["extractor"]["name"] == feature and prov["decoder"]["decord"] == "0.6.0"
     side = json.loads((workspace / "npy" / "clip" / "vidA.json").read_text())
     assert side["windows"] == [[0.0, 1.0], [1.0, 2.0]]
@@ -91,8 +89,8 @@ def test_merge_reads_the_records_of_a_sharded_extract(tmp_path):
 
     for i in range(2):
         (tmp_path / f"shard-{i}-of-2.prov.json").write_text(
-            json.dumps({"stage": "extract@clip", "weights": {"clip": "random"}, "shard": [i, 2]})
+            json.dumps({"stage": "extract-clip", "weights": {"clip": "random"}, "shard": [i, 2]})
         )
     record = _upstream_record(tmp_path)
-    assert record["stage"] == "extract@clip" and record["weights"] == {"clip": "random"}
+    assert record["stage"] == "extract-clip" and record["weights"] == {"clip": "random"}
     assert _upstream_record(tmp_path / "missing") == {}

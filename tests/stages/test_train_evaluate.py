@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import yaml
+from support.toy import write_toy_data  # noqa: E402
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
-from _toy import write_toy_data  # noqa: E402
-
 from pipeline.cli import app  # noqa: E402
-from pipeline.provenance import read_record  # noqa: E402
+from pipeline.core.provenance import read_record  # noqa: E402
 
 TINY_MMN = dict(features=["toy"], input_size=None, num_pre_clips=8, num_clips=4, pool_kernel=2,
                 pooling_counts=[3], feat_hidden=16, pred_hidden=16, pred_kernel=3, pred_layers=2,

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.vocab import load_glove_pkl
+from pipeline.text.vocab import load_glove_pkl
 
 
 @pytest.fixture()

@@ -1,0 +1,288 @@
+"""The typed schema of params.yaml, and loading with clear errors.
+
+Every error names the file, the key path and what was expected, and the CLI turns it into exit code
+2 with no traceback. Extractor and model sections are validated by the `Config` class that the
+registered extractor/model declares, so adding one never touches this file: the caller hands the
+registries in (`load_params(..., registries=...)`), because this module sits below them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.core.registry import Registry
+
+
+class ParamsError(Exception):
+    """Bad params: the message names the file, the key path and what was expected."""
+
+
+class Section(BaseModel):
+    """Base of every params section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveFloat = float
+# -- sections -------------------------------------------------------------------------------------
+
+
+class SynthParams(Section):
+    seed: int = 0
+    out_dir: str = "data/synth"
+    num_train: int = Field(64, ge=1)
+    num_test: int = Field(16, ge=1)
+    fps: float = Field(30.0, gt=0)
+    width: int = Field(320, ge=32)
+    height: int = Field(240, ge=32)
+    min_duration: float = Field(10.0, gt=0)
+    max_duration: float = Field(30.0, gt=0)
+    min_events: int = Field(2, ge=1)
+    max_events: int = Field(4, ge=1)
+    glove_dim: int = Field(300, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SynthParams:
+        if self.max_duration < self.min_duration:
+            raise ValueError("max_duration must be >= min_duration")
+        if self.max_events < self.min_events:
+            raise ValueError("max_events must be >= min_events")
+        return self
+
+
+class DatasetParams(Section):
+    """Which annotation files the vocab/train/evaluate stages read, and how to parse and clean them."""
+
+    name: str = "synthetic"
+    # parser name (pipeline.text.annotations.FORMATS)
+    format: Literal[
+        "charades_sta", "grounding_json", "cpl_json", "tacos_json", "qvhighlights", "msrvtt_csv", "msrvtt_json",
+        "video_captions",
+    ] = "charades_sta"
+    video_dir: str = "data/synth/videos"
+    splits: dict[str, str] = Field(
+        default_factory=lambda: {
+            "train": "data/synth/annotations/charades_sta_train.txt",
+            "test": "data/synth/annotations/charades_sta_test.txt",
+        }
+    )
+    # Charades-style csv files with a `length` column (durations), for formats that need them.
+    durations: list[str] = Field(
+        default_factory=lambda: [
+            "data/synth/annotations/Charades_v1_train.csv",
+            "data/synth/annotations/Charades_v1_test.csv",
+        ]
+    )
+    cleaning: Literal["none", "mmn", "mesm", "cnm"] = "mmn"  # named policy (pipeline.text.annotations)
+    on_error: Literal["raise", "skip"] = "raise"  # malformed records: fail, or count and report them
+    video_captions: str | None = "data/synth/annotations/video_captions.json"
+
+
+class DecodeParams(Section):
+    """`vmr decode`: raw videos -> frame store (pipeline/media/decode.py, docs/features.md)."""
+
+    video_dir: str = "data/synth/videos"
+    out_dir: str = "work/frames"
+    workers: int = Field(2, ge=1)  # decode processes
+    timeout_s: float = Field(120.0, gt=0)  # per video; the worker is killed past it (decord deadlocks)
+    recycle_after: int = Field(32, ge=1)  # videos per worker before it is replaced (decord leaks)
+    max_failure_share: float = Field(0.0, ge=0, le=1)  # exit non-zero when more videos than this fail
+    backend: Literal["decord", "pyav"] = "decord"  # rotated files always go through PyAV
+
+
+class MergeParams(Section):
+    """`vmr extract` writes `npy_dir`/<feature>/; `vmr merge` reads it into `out_dir`/<feature>.h5."""
+
+    npy_dir: str = "work/npy"
+    out_dir: str = "features"
+    dtype: Literal["float32", "float16"] = "float32"
+    compression: Literal["none", "gzip", "lzf"] = "none"
+    layout: Literal["flat", "activitynet"] = "flat"  # h5[vid] or h5[vid]["c3d_features"]
+    export_npz_dir: str | None = None  # also write Moment-DETR-style <vid>.npz {"features"} here
+
+
+class VocabParams(Section):
+    """`vmr vocab`. `splits` are counted in order (MESM counted train+test; default: train only)."""
+
+    out_dir: str = "vocab"
+    splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
+    glove_file: str | None = "data/synth/glove.synthetic.300d.txt"  # GloVe text; null: no glove.pkl
+    glove_dim: int = Field(300, ge=1)
+    clip_max_pieces: int = Field(14, ge=1)  # BPE pieces counted per sentence (MESM: max_words_l 16 - 2)
+
+
+class TrainerParams(Section):
+    """How every model is trained (pipeline.training.trainer); model hyper-parameters live in `model.<name>`."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(0, ge=0)
+    out_dir: str = "runs"
+    # Split evaluated during training to select the kept epoch; null keeps the last epoch. The seeds
+    # selected on their test split: that is possible (and logged loudly), never a silent default.
+    select_split: str | None = None
+    select_metric: str | None = None  # null: the model config's select_metric
+    deterministic: bool = True
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
+    resume: bool = True  # resume from the last epoch checkpoint made with the same config
+    keep_checkpoints: int = Field(1, ge=1)  # epoch checkpoints kept on disk (newest)
+
+
+class EvaluateParams(Section):
+    out_dir: str = "results"
+    split: str = "test"
+    random_baseline_seed: int = 0
+
+
+class Params(Section):
+    seed: int = 0
+    synth: SynthParams = SynthParams()
+    dataset: DatasetParams = DatasetParams()
+    decode: DecodeParams = DecodeParams()
+    features: list[str] = Field(default_factory=lambda: ["clip"])
+    extractors: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    merge: MergeParams = MergeParams()
+    vocab: VocabParams = VocabParams()
+    models: list[str] = Field(default_factory=list)
+    model: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    trainer: TrainerParams = TrainerParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind, msg = err.get("type", ""), err.get("msg", "")
+    if kind == "extra_forbidden":
+        return "unknown key (not in the schema)"
+    if kind == "missing":
+        return "missing required key"
+    got = err.get("input")
+    got_text = "" if isinstance(got, (dict, list)) else f", got {got!r}"
+    msg = msg.removeprefix("Input should be ").removeprefix("Value error, ")
+    return f"expected {msg or kind}{got_text}"
+
+
+def _format_errors(source: str, exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"]))
+        lines.append(f"{source}: key '{key or '<root>'}': {_describe(err)}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], yaml-parsed value)."""
+    if "=" not in text:
+        raise ParamsError(f"override '{text}': expected KEY=VALUE (e.g. decode.workers=4)")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in overlay.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_params(
+    path: str | os.PathLike = "params.yaml",
+    overrides: list[str] | None = None,
+    profiles: list[str | os.PathLike] | None = None,
+    registries: Sequence[Registry] = (),
+) -> Params:
+    """Load, overlay profiles and `key=value` overrides, and validate everything before any work.
+
+    `registries` (e.g. EXTRACTORS, MODELS) validate the names they own and their config sections."""
+    source = str(path)
+    data = read_yaml(path)
+    for prof in profiles or []:
+        data = deep_merge(data, read_yaml(prof))
+        source += f" + {prof}"
+    for ov in overrides or []:
+        keys, value = parse_override(ov)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"override '{ov}': '{k}' is not a mapping")
+        node[keys[-1]] = value
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as e:
+        raise ParamsError(_format_errors(source, e)) from None
+    for registry in registries:
+        _validate_registered(params, source, registry)
+    return params
+
+
+def _validate_registered(params: Params, source: str, registry: Registry) -> None:
+    """Names in the registry's list key (`features`, `models`) must be registered; the sections of
+    its table (`extractors`, `model`) must name registered members and validate."""
+    list_key, table_key = registry.list_key, registry.table_key
+    if list_key is not None:
+        for i, name in enumerate(getattr(params, list_key)):
+            if name not in registry:
+                raise ParamsError(
+                    f"{source}: key '{list_key}.{i}': unknown {registry.kind} '{name}'; "
+                    f"expected one of {registry.names()}"
+                )
+    if table_key is not None:
+        for name, cfg in getattr(params, table_key).items():
+            if name not in registry:
+                raise ParamsError(
+                    f"{source}: key '{table_key}.{name}': unknown {registry.kind} '{name}'; "
+                    f"expected one of {registry.names()}"
+                )
+            try:
+                registry.get(name).Config.model_validate(cfg)
+            except ValidationError as e:
+                raise ParamsError(_format_errors(source, e, prefix=f"{table_key}.{name}")) from None
+
+
+def require_files(source: str, paths: dict[str, str | None]) -> None:
+    """Fail before any work if an input a command needs is missing; `paths` maps key path -> path."""
+    missing = [
+        f"{source}: key '{key}': input file not found: {p}"
+        for key, p in paths.items()
+        if p is not None and not Path(p).exists()
+    ]
+    if missing:
+        raise ParamsError("\n".join(missing))
+
+
+def subset(params: Params, *keys: str) -> dict[str, Any]:
+    """The values of dotted keys, for provenance: exactly what a stage read."""
+    dumped = params.model_dump()
+    out: dict[str, Any] = {}
+    for key in keys:
+        node: Any = dumped
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out

@@ -1,0 +1,328 @@
+"""Run one extractor over the frame store: per-video (T, D) float32 .npy + timestamps sidecar.
+
+Batching is across videos, with FIXED batch boundaries: the units of the shard's videos (sorted ids)
+form one stream cut every `batch_size` units (`plan_batches`); within a batch, each run of units of one
+shape is one forward pass (`split_by_shape`). Results of a float model depend slightly on the batch a
+row was computed in (BLAS blocking), so fixed boundaries are what makes a resumed run byte-identical to
+an uninterrupted one: a batch is recomputed when it holds any unfinished video, and finished videos
+keep their files. Output files per video (in `out_dir`):
+
+    <vid>.npy    float32 (T, D)
+    <vid>.json   {"video", "feature", "dim", "units", "windows": [[start, end], ...] seconds,
+                  "source_sha256", "extractor": digest of (protocol, config, weights)}; written last,
+                  it marks the video as done.
+
+Sharding: `shard_of` splits the sorted id list into n contiguous, disjoint parts; shards write
+disjoint files into the same directory and the merge reads them as one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from glob import escape as glob_escape
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.core.atomic import TMP_PREFIX, write_json, write_npy
+from pipeline.media.framestore import FrameStore
+from pipeline.media.sampling import VideoInfo
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'i/n' -> (i, n); None -> torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if text is None:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/n with integers, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def shard_of(ids: list[str], index: int, count: int) -> list[str]:
+    """Contiguous block `index` of `count` over the sorted ids (sizes differ by at most one)."""
+    ids = sorted(ids)
+    start = (len(ids) * index) // count
+    stop = (len(ids) * (index + 1)) // count
+    return ids[start:stop]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def extractor_digest(description: dict, weights: str) -> str:
+    blob = json.dumps({"extractor": description, "weights": weights}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# -- the batch plan ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Units [start, stop) of one video; `video` is its position in the run's list of videos."""
+
+    video: int
+    start: int
+    stop: int
+
+
+def plan_batches(unit_counts: Iterable[int], batch_size: int) -> Iterator[list[Piece]]:
+    """Cut the units of all videos, in order, into batches of `batch_size` units (the last may be short).
+
+    The boundaries depend on the unit counts alone, not on which videos are finished: that is what makes
+    a resumed run byte-identical. A video without units gets an empty piece where it stands, so every
+    video has a last piece. `unit_counts` is read lazily, one video at a time, as batches fill up.
+    """
+    batch: list[Piece] = []
+    fill = 0
+    for video, count in enumerate(unit_counts):
+        if count == 0:
+            batch.append(Piece(video, 0, 0))
+        start = 0
+        while start < count:
+            stop = min(count, start + batch_size - fill)
+            batch.append(Piece(video, start, stop))
+            fill += stop - start
+            start = stop
+            if fill == batch_size:
+                yield batch
+                batch, fill = [], 0
+    if batch:
+        yield batch
+
+
+def split_by_shape(batch: list[Piece], unit_shapes: list[list[tuple]]) -> list[list[Piece]]:
+    """The forward passes of one batch: runs of consecutive units of the same shape.
+
+    `unit_shapes[i]` holds the shape of every unit of `batch[i]`. A piece is cut where the shape
+    changes inside it (units of different shapes, e.g. LGI's I3D chunks); empty pieces join no pass.
+    """
+    passes: list[list[Piece]] = []
+    shape = None  # of the units in passes[-1]
+    for piece, shapes in zip(batch, unit_shapes, strict=True):
+        start = piece.start
+        for i, unit_shape in enumerate(shapes, start=piece.start):
+            if unit_shape != shape:
+                if i > start:  # the part of this piece before the new shape ends the current pass
+                    passes[-1].append(Piece(piece.video, start, i))
+                    start = i
+                passes.append([])
+                shape = unit_shape
+        if piece.stop > start:
+            passes[-1].append(Piece(piece.video, start, piece.stop))
+    return passes
+
+
+# -- running the plan ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Video:
+    vid: str
+    done: bool  # finished by an earlier run: its units run again only to fill a batch of other videos
+    source_sha256: str | None
+    unit_count: int | None  # known for finished videos (from the sidecar), else once loaded
+    data: tuple | None = None  # (units, windows) from extractor.group, while needed
+    rows: list = field(default_factory=list)  # feature rows computed so far (unfinished videos)
+
+
+class _Loader:
+    """The grouped units of each video, loaded on first use. The next few unfinished videos are loaded
+    ahead in threads (np.load and group release the GIL for I/O and copies): the model does not wait
+    on the disk."""
+
+    AHEAD = 4  # videos, counting the current one
+
+    def __init__(self, videos: list[_Video], load: Callable[[str], tuple], threads: ThreadPoolExecutor):
+        self.videos, self.load, self.threads = videos, load, threads
+        self.futures: dict[str, Future] = {}
+
+    def unit_count(self, pos: int) -> int:
+        """Units of video `pos` (loading it if unfinished); starts loading the videos after it."""
+        for v in self.videos[pos : pos + self.AHEAD]:
+            if not v.done and v.vid not in self.futures and v.data is None:
+                self.futures[v.vid] = self.threads.submit(self.load, v.vid)
+        v = self.videos[pos]
+        if v.unit_count is None:
+            self.units(v)
+        return v.unit_count
+
+    def units(self, v: _Video):
+        """The units of `v`: an array, or a list of arrays (units of different shapes)."""
+        if v.data is None:
+            future = self.futures.pop(v.vid, None)
+            v.data = future.result() if future is not None else self.load(v.vid)
+            v.unit_count = len(v.data[0])
+        return v.data[0]
+
+    def piece(self, p: Piece):
+        return self.units(self.videos[p.video])[p.start : p.stop]
+
+
+def _unit_shapes(piece) -> list[tuple]:
+    if isinstance(piece, list):  # units of different shapes (e.g. LGI's I3D chunks)
+        return [np.shape(u) for u in piece]
+    return [np.shape(piece)[1:]] * len(piece)
+
+
+def _as_array(piece) -> np.ndarray:
+    """The units of a piece as one (n, ...) array (a piece of a forward pass has one unit shape)."""
+    if isinstance(piece, list):
+        return np.stack([np.asarray(u) for u in piece])
+    return np.asarray(piece)
+
+
+@dataclass
+class ExtractSummary:
+    videos: int
+    computed: int
+    skipped: int
+    units: int  # model inputs run in this invocation (incl. recomputed ones of finished videos)
+    seconds_model: float
+
+
+def extract_videos(
+    extractor,
+    model: torch.nn.Module,
+    device: torch.device,
+    store: FrameStore,
+    video_ids: list[str],
+    out_dir: str | Path,
+    weights: str,
+    all_video_ids: list[str] | None = None,
+    progress=None,
+) -> ExtractSummary:
+    """Extract features of `video_ids` (one shard) into `out_dir`; see the module docstring."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_own_temporaries(out_dir, video_ids)  # never another shard's files in flight
+    if all_video_ids is not None:
+        _prune(out_dir, set(all_video_ids))
+    key = extractor.protocol().key
+    digest = extractor_digest(extractor.describe(), weights)
+
+    videos: list[_Video] = []
+    for vid in video_ids:
+        record = store.read_record(vid)
+        source = record["sha256"] if record else None
+        side = _read_sidecar(out_dir / f"{vid}.json")
+        done = (
+            side is not None
+            and side.get("extractor") == digest
+            and side.get("source_sha256") == source
+            and (out_dir / f"{vid}.npy").is_file()
+        )
+        videos.append(_Video(vid, done, source, side["units"] if done else None))
+
+    def load(vid: str) -> tuple:
+        vf = store.load(vid, key)
+        record = store.read_record(vid) or {}
+        info = VideoInfo(vid, fps=record.get("native_fps") or 0.0, duration=record.get("stream_duration"))
+        return extractor.group(vf.frames, vf.windows, video=info)
+
+    computed = units_run = 0
+    model_seconds = 0.0
+    with ThreadPoolExecutor(max_workers=2) as threads:
+        loader = _Loader(videos, load, threads)
+        counts = (loader.unit_count(pos) for pos in range(len(videos)))
+        for batch in plan_batches(counts, extractor.config.batch_size):
+            # a batch with any unfinished video runs whole (the same batches, the same numbers); the
+            # rows of its finished videos are dropped
+            if any(p.stop > p.start and not videos[p.video].done for p in batch):
+                shapes = [_unit_shapes(loader.piece(p)) for p in batch]
+                for forward_pass in split_by_shape(batch, shapes):
+                    x = np.concatenate([_as_array(loader.piece(p)) for p in forward_pass])
+                    t0 = time.perf_counter()
+                    out = _forward(extractor, model, device, x)
+                    model_seconds += time.perf_counter() - t0
+                    units_run += len(x)
+                    cuts = np.cumsum([p.stop - p.start for p in forward_pass])[:-1]
+                    for p, part in zip(forward_pass, np.split(out, cuts), strict=True):
+                        if not videos[p.video].done:  # each unit gives (k, D) rows
+                            videos[p.video].rows.extend(o.reshape(-1, o.shape[-1]) for o in part)
+            for p in batch:
+                v = videos[p.video]
+                if p.stop != v.unit_count:
+                    continue
+                if not v.done:  # its last piece has run: the video is complete
+                    _write_video(out_dir, extractor, digest, v)
+                    computed += 1
+                    if progress:
+                        progress()
+                v.data, v.rows = None, []
+    skipped = sum(v.done for v in videos)
+    return ExtractSummary(len(videos), computed, skipped, units_run, model_seconds)
+
+
+def _write_video(out_dir: Path, extractor, digest: str, v: _Video) -> None:
+    """<vid>.npy, then the sidecar that marks it done."""
+    units, windows = v.data
+    feats = np.concatenate(v.rows, axis=0) if v.rows else np.zeros((0, extractor.dim), np.float32)
+    if len(feats) != len(windows):
+        raise RuntimeError(f"{extractor.name}: video {v.vid}: {len(feats)} feature rows but {len(windows)} windows")
+    write_npy(out_dir / f"{v.vid}.npy", np.ascontiguousarray(feats, dtype=np.float32))
+    write_json(
+        out_dir / f"{v.vid}.json",
+        {
+            "video": v.vid,
+            "feature": extractor.name,
+            "dim": extractor.dim,
+            "units": int(len(units)),
+            "windows": np.round(windows, 6).tolist(),
+            "source_sha256": v.source_sha256,
+            "extractor": digest,
+        },
+    )
+
+
+def _forward(extractor, model, device: torch.device, units: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(np.ascontiguousarray(units))
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    with torch.inference_mode():
+        autocast = device.type == "cuda" and extractor.config.amp
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=autocast):
+            y = extractor.embed(model, extractor.preprocess(x))
+    return y.float().cpu().numpy()
+
+
+def _read_sidecar(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _remove_own_temporaries(out_dir: Path, video_ids: list[str]) -> None:
+    """Leftovers of an interrupted run (`pipeline.core.atomic` names them .tmp-<file>.<random>)."""
+    for vid in video_ids:
+        for name in (f"{vid}.npy", f"{vid}.json"):
+            for f in out_dir.glob(glob_escape(f"{TMP_PREFIX}{name}.") + "*"):
+                f.unlink(missing_ok=True)
+
+
+def _prune(out_dir: Path, keep: set[str]) -> None:
+    """Remove per-video files of videos that are no longer in the frame store."""
+    for f in list(out_dir.glob("*.npy")) + list(out_dir.glob("*.json")):
+        if f.name.endswith(".prov.json") or f.name == "provenance.json":
+            continue
+        if f.stem not in keep:
+            f.unlink()

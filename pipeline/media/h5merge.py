@@ -1,0 +1,178 @@
+"""Per-video feature files -> one HDF5 file per feature, the layout the grounding repos read.
+
+- Inputs: `<vid>.npy` (T, D) (extra singleton axes such as LGI's (T, 1, 1, 1024) are squeezed, as
+  MESM's npy2hdf5 does) and Moment-DETR/HERO-style `<vid>.npz` with key `features`. A `<vid>.json`
+  sidecar from `vmr extract` adds the feature windows as the dataset attribute `windows`.
+- Layouts: `flat` h5[vid] = (T, D) (MESM, 2D-TAN, MMN, CNM); `activitynet` h5[vid]["c3d_features"]
+  (the ActivityNet challenge C3D file).
+- Checks, each an error naming the video: NaN/Inf, wrong or inconsistent dim, empty array, a video
+  present twice (a.npy and a.npz), unreadable file.
+- The file is written under a temporary name and renamed when complete; provenance goes in the root
+  attr `provenance` (JSON). Datasets are written in sorted id order without timestamps, so the bytes
+  depend only on the inputs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline.core.atomic import atomic_path, write_bytes
+
+FEATURE_SUFFIXES = (".npy", ".npz")
+
+
+class MergeError(ValueError):
+    """Bad per-video input; the message names the file."""
+
+
+@dataclass
+class MergeSummary:
+    videos: int
+    dim: int
+    total_rows: int
+    bytes_in: int
+
+
+def list_feature_files(src_dir: str | Path) -> dict[str, Path]:
+    """video id -> file; a video present as both .npy and .npz is an error."""
+    src_dir = Path(src_dir)
+    if not src_dir.is_dir():
+        raise MergeError(f"{src_dir}: feature directory not found")
+    found: dict[str, Path] = {}
+    for p in sorted(src_dir.iterdir()):
+        if p.suffix not in FEATURE_SUFFIXES or p.name.startswith("."):
+            continue
+        vid = p.name[: -len(p.suffix)]
+        if vid in found:
+            raise MergeError(f"{src_dir}: duplicate video '{vid}': {found[vid].name} and {p.name}")
+        found[vid] = p
+    return found
+
+
+def load_feature(path: Path) -> np.ndarray:
+    """(T, D) array from a .npy or a .npz['features'] file."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                if "features" not in z.files:
+                    raise MergeError(f"{path}: no 'features' array in the .npz (has {z.files})")
+                arr = z["features"]
+        else:
+            arr = np.load(path, allow_pickle=False)
+    except MergeError:
+        raise
+    except Exception as e:
+        raise MergeError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if arr.ndim > 2:  # (T, 1, 1, D) -> (T, D), keeping T even when it is 1
+        arr = arr.reshape(arr.shape[0], -1) if all(s == 1 for s in arr.shape[1:-1]) else arr
+    if arr.ndim != 2:
+        raise MergeError(f"{path}: expected a (T, D) array, got shape {arr.shape}")
+    return arr
+
+
+def check_feature(vid: str, path: Path, arr: np.ndarray, dim: int | None) -> None:
+    if arr.shape[0] == 0:
+        raise MergeError(f"{path}: video '{vid}' has an empty feature array {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise MergeError(f"{path}: video '{vid}' has dim {arr.shape[1]}, expected {dim}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise MergeError(f"{path}: video '{vid}' has dtype {arr.dtype}, expected floats")
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).any(axis=1).sum())
+        raise MergeError(f"{path}: video '{vid}' has NaN/Inf values in {bad} of {arr.shape[0]} rows")
+
+
+def merge_to_hdf5(
+    src_dir: str | Path,
+    out_path: str | Path,
+    dtype: str = "float32",
+    compression: str = "none",
+    layout: str = "flat",
+    dim: int | None = None,
+    provenance: dict[str, Any] | None = None,
+    progress=None,
+) -> MergeSummary:
+    """Merge every per-video file of `src_dir` into `out_path` (atomically); see the module docstring."""
+    files = list_feature_files(src_dir)
+    if not files:
+        raise MergeError(f"{src_dir}: no .npy/.npz feature files")
+    comp = None if compression == "none" else compression
+    total_rows = bytes_in = 0
+    with atomic_path(out_path) as tmp:
+        # track_times=False and a fixed id order keep the file's bytes a function of its contents
+        with h5py.File(tmp, "w", track_order=False) as h5:
+            for vid, path in files.items():
+                arr = load_feature(path)
+                check_feature(vid, path, arr, dim)
+                dim = arr.shape[1]
+                with np.errstate(over="ignore"):  # reported below, naming the video
+                    data = arr.astype(dtype, copy=False)
+                if data.dtype != arr.dtype and not np.isfinite(data).all():
+                    raise MergeError(f"{path}: video '{vid}' overflows {dtype}")
+                target = h5 if layout == "flat" else h5.create_group(vid, track_order=False)
+                name = vid if layout == "flat" else "c3d_features"
+                ds = target.create_dataset(
+                    name, data=data, compression=comp, track_times=False,
+                    chunks=True if comp else None,
+                )
+                windows = _windows(path.with_name(vid + ".json"))
+                if windows is not None and len(windows) == len(arr):
+                    ds.attrs["windows"] = windows
+                total_rows += arr.shape[0]
+                bytes_in += path.stat().st_size
+                if progress:
+                    progress()
+            h5.attrs["layout"] = layout
+            h5.attrs["dim"] = int(dim)
+            h5.attrs["num_videos"] = len(files)
+            if provenance is not None:
+                h5.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
+    return MergeSummary(len(files), int(dim), total_rows, bytes_in)
+
+
+def _windows(sidecar: Path) -> np.ndarray | None:
+    if not sidecar.is_file():
+        return None
+    try:
+        w = json.loads(sidecar.read_text()).get("windows")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return None if w is None else np.asarray(w, dtype=np.float64).reshape(-1, 2)
+
+
+def read_features(h5_path: str | Path, vid: str) -> np.ndarray:
+    """(T, D) of one video from either layout."""
+    with h5py.File(h5_path, "r") as h5:
+        node = h5[vid]
+        return node["c3d_features"][:] if isinstance(node, h5py.Group) else node[:]
+
+
+def export_npz(h5_path: str | Path, out_dir: str | Path, dtype: str | None = None) -> int:
+    """Write Moment-DETR-style `<vid>.npz` {"features": (T, D)} for every video of an HDF5 file.
+
+    numpy's savez stamps the current time into the zip; entries here get a fixed date instead, so the
+    exported files are reproducible byte for byte.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with h5py.File(h5_path, "r") as h5:
+        for vid in sorted(h5.keys()):
+            node = h5[vid]
+            arr = node["c3d_features"][:] if isinstance(node, h5py.Group) else node[:]
+            if dtype:
+                arr = arr.astype(dtype)
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            out = io.BytesIO()
+            with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
+                zf.writestr(zipfile.ZipInfo("features.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
+            write_bytes(out_dir / f"{vid}.npz", out.getvalue())
+        return len(h5.keys())

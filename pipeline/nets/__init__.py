@@ -1,0 +1,6 @@
+"""Pretrained-network helpers shared by extractors and models: checkpoint formats and CLIP.
+
+`checkpoints` reads torch checkpoint files and checks a state dict against a model, with errors
+that name the file and the keys; `clip` holds what every CLIP user needs (constants, the BPE
+tokenizer, the official weights files).
+"""

@@ -1,0 +1,71 @@
+"""dvc.yaml is generated (`vmr dag`) from params.yaml and the code's imports; the committed file is current."""
+
+from __future__ import annotations
+
+import yaml
+from typer.testing import CliRunner
+
+from extractors import EXTRACTORS
+from models import MODELS
+from pipeline.cli import app
+from pipeline.core.codedeps import REPO_ROOT, stage_code
+from pipeline.core.params import load_params, read_yaml
+from pipeline.dag import build_dag, render
+
+PARAMS = REPO_ROOT / "params.yaml"
+
+
+def committed_dag() -> dict:
+    return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def generated(params_path=PARAMS, overrides=()):
+    params = load_params(params_path, list(overrides), registries=(EXTRACTORS, MODELS))
+    return build_dag(params, read_yaml(params_path))
+
+
+def test_committed_dvc_yaml_is_current():
+    text = render(generated())
+    assert (REPO_ROOT / "dvc.yaml").read_text() == text, "dvc.yaml is stale: run `vmr dag`"
+
+
+def test_check_command(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "dvc.yaml"
+    assert runner.invoke(app, ["dag", "--params", str(PARAMS), "--out", str(out), "--check"]).exit_code == 1
+    assert runner.invoke(app, ["dag", "--params", str(PARAMS), "--out", str(out)]).exit_code == 0
+    result = runner.invoke(app, ["dag", "--params", str(PARAMS), "--out", str(out), "--check"])
+    assert result.exit_code == 0, result.output
+
+
+def test_every_stage_depends_on_its_whole_code():
+    stages = committed_dag()
+    for name, stage in stages.items():
+        kind, _, item = name.partition("-")
+        members = []
+        if kind in ("extract", "merge"):
+            members = [EXTRACTORS.get(item)]
+        elif kind in ("train", "evaluate", "query_features", "feature_pca"):
+            members = [MODELS.get(item)]
+        elif kind == "decode":
+            members = [EXTRACTORS.get(f) for f in load_params(PARAMS).features]
+        missing = set(stage_code(kind, members)) - set(stage["deps"])
+        assert not missing, f"{name}: code deps missing from dvc.yaml: {sorted(missing)}"
+
+
+def test_each_model_depends_on_exactly_its_inputs():
+    stages = committed_dag()
+    mmn, mrnet = stages["train-mmn"]["deps"], stages["train-mrnet"]["deps"]
+    assert "features/clip.h5" in mmn and "features/query_distilbert.h5" not in mmn  # MRNet's queries only
+    assert "features/query_distilbert.h5" in mrnet and "features" not in mmn
+    assert "vocab/glove.pkl" in stages["train-cnm"]["deps"] and "vocab/glove.pkl" not in mmn
+    assert "query_features-mrnet" in stages and not any(s.startswith("query_features-") and s != "query_features-mrnet"
+                                                         for s in stages)
+
+
+def test_models_that_read_frames_make_decode_keep_them(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS.read_text())
+    dag = generated(params, ["model.glscl.input=frames"])["stages"]
+    assert "model.glscl" in dag["decode"]["params"] and "models/glscl" in " ".join(dag["decode"]["deps"])
+    assert "work/frames" in dag["train-glscl"]["deps"] and "features/clip.h5" not in dag["train-glscl"]["deps"]
