@@ -1,4 +1,4 @@
-"""Evaluation speed: 100k queries x 10 candidates (issue 5: "seconds, not minutes").
+"""Evaluation speed: 100k queries x 10 candidates (target: seconds, not minutes).
 
     .venv/bin/python benchmarks/bench_evaluation.py [--queries 100000] [--candidates 10]
 
@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from pipeline.evaluation import evaluate_moment_detr, evaluate_moments, evaluate_retrieval
+from pipeline.training.evaluation import evaluate_moment_detr, evaluate_moments, evaluate_retrieval
 
 
 def timed(label: str, fn):
