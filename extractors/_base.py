@@ -55,7 +55,13 @@ from pipeline.media.sampling import Rule, SamplingProtocol, VideoInfo  # noqa: F
 
 # Likewise the weights helpers every `load_weights` uses (shared with the models, so they live in
 # pipeline/nets/checkpoints.py).
-from pipeline.nets.checkpoints import WeightsError, check_state_dict, torch_load, unwrap_state_dict  # noqa: F401
+from pipeline.nets.checkpoints import (  # noqa: F401
+    WeightsError,
+    check_state_dict,
+    short_reason,
+    torch_load,
+    unwrap_state_dict,
+)
 
 
 class ExtractorConfig(Section):

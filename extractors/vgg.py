@@ -29,6 +29,7 @@ from extractors._base import (
     SamplingProtocol,
     WeightsError,
     check_state_dict,
+    short_reason,
     unwrap_state_dict,
 )
 
@@ -106,5 +107,5 @@ def _load_checkpoint(path: str) -> object:
                 return torch.load(path, map_location="cpu", weights_only=True)
         except Exception:
             raise WeightsError(
-                f"{path}: not a readable torch checkpoint ({type(first).__name__}: {first})"
+                f"{path}: not a readable torch checkpoint ({short_reason(first)})"
             ) from None

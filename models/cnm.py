@@ -40,8 +40,10 @@ from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
 from models import MODELS
+from pipeline.core.params import NonNegative, Positive
 from pipeline.core.provenance import weights_record
 from pipeline.media.features import FeatureFile, feature_statistics, load_video
+from pipeline.nets.checkpoints import WeightsError, torch_load
 from pipeline.text.vocab import load_glove_pkl, pos_tagger_name, pos_weights, word_tokenize
 from pipeline.training.evaluation import MOMENT_THRESHOLDS, evaluate_moments
 from pipeline.training.trainer import (
@@ -376,7 +378,7 @@ class CNMConfig(TrainConfig):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=1)  # queries
     eval_batch_size: int = Field(128, ge=1)
-    grad_clip: float | None = None  # must stay null: CNM clips in its optimisers (see clip_norm)
+    grad_clip: Positive | None = None  # must stay null: CNM clips in its optimisers (see clip_norm)
     select_metric: str = "mIoU"  # CNM keeps the epoch with the best mIoU
     feature: str = "clip"  # features/<feature>.h5 holds the frame features
     # Not in CNM (False reproduces it): z-score every feature channel with the mean/std over the
@@ -395,8 +397,8 @@ class CNMConfig(TrainConfig):
     alpha: float = Field(5.0, gt=0)  # Gaussian sharpness: 5 ActivityNet, 5.5 Charades
     max_width: float = Field(1.0, gt=0, le=1)  # 1 ActivityNet, 0.45 Charades
     use_negative: bool = True  # hard/easy negatives; False leaves plain reconstruction
-    beta_1: float = 0.1  # IVC margin against the hard negative
-    beta_2: float = 0.15  # IVC margin against the easy negative
+    beta_1: NonNegative = 0.1  # IVC margin against the hard negative
+    beta_2: NonNegative = 0.15  # IVC margin against the easy negative
     lr: float = Field(4e-4, gt=0)  # both optimisers
     warmup_updates: int = Field(400, ge=1)
     warmup_init_lr: float = Field(1e-7, ge=0)
@@ -626,9 +628,9 @@ def load_official_checkpoint(model: CNM, path: str | Path, sha256: str | None = 
     feature size or vocabulary) is an error naming the file and the keys.
     """
     weights_record(path, sha256)  # raises on a sha256 mismatch
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch_load(str(path))
     if not isinstance(state, dict) or "model_parameters" not in state:
-        raise ValueError(f"{path}: not an official CNM checkpoint (expected a dict with 'model_parameters')")
+        raise WeightsError(f"{path}: not an official CNM checkpoint (expected a dict with 'model_parameters')")
     params = state["model_parameters"]
     ours = model.state_dict()
     missing, unexpected = sorted(set(ours) - set(params)), sorted(set(params) - set(ours))

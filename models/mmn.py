@@ -44,6 +44,7 @@ from models.common import (
     scaled_iou_bce_loss,
     windows_from_predictions,
 )
+from pipeline.core.params import Count, Fraction, NonNegative, NonNegativeInt, Positive
 from pipeline.core.provenance import weights_record
 from pipeline.media.features import FeatureFile, load_video
 from pipeline.text.tokenizers import train_wordpiece, wordpiece_from_vocab
@@ -148,58 +149,58 @@ class MMN(GroundingModel):
         """Defaults: the official Charades-STA VGG config (pool_charades_16x16_k5l8)."""
 
         seed: int | None = 25285
-        epochs: int = 18
-        batch_size: int = 48  # videos, global
-        eval_batch_size: int = 48
-        grad_clip: float | None = 5.0
+        epochs: Count = 18
+        batch_size: Count = 48  # videos, global
+        eval_batch_size: Count = 48
+        grad_clip: Positive | None = 5.0
         select_metric: str = "R@1,IoU@0.5"
         # video features (names of merged HDF5 files, concatenated if several)
         features: list[str] = Field(default_factory=lambda: ["vgg"])
-        input_size: int | None = 4096  # FEATPOOL.INPUT_SIZE; null: the feature files' width
+        input_size: Count | None = 4096  # FEATPOOL.INPUT_SIZE; null: the feature files' width
         l2norm: bool = True
         num_pre_clips: int = Field(32, ge=1)
         num_clips: int = Field(16, ge=1)
         pool_kernel: int = Field(2, ge=1)
-        pooling_counts: list[int] = Field(default_factory=lambda: [15])
-        feat_hidden: int = 512
-        pred_hidden: int = 512
-        pred_kernel: int = 5
+        pooling_counts: list[Count] = Field(default_factory=lambda: [15])
+        feat_hidden: Count = 512
+        pred_hidden: Count = 512
+        pred_kernel: Count = 5
         pred_layers: int = Field(8, ge=1)
-        joint_size: int = 256
+        joint_size: Count = 256
         # text encoder: a local HF DistilBERT directory, or a random DistilBERT-shaped one
         text_encoder: str | None = None
         text_encoder_sha256: str | None = None
-        text_dim: int = 768
-        text_layers: int = 6
-        text_heads: int = 12
-        text_ffn: int = 3072
-        vocab_size: int = 30522
-        max_tokens: int = 512
+        text_dim: Count = 768
+        text_layers: Count = 6
+        text_heads: Count = 12
+        text_ffn: Count = 3072
+        vocab_size: Count = 30522
+        max_tokens: Count = 512
         # losses
-        min_iou: float = 0.5
-        max_iou: float = 1.0
+        min_iou: Fraction = 0.5
+        max_iou: Fraction = 1.0
         top_k: int = Field(1, ge=1)  # NUM_POSTIVE_VIDEO_PROPOSAL
-        neg_iou: float = 0.5
-        sent_removal_iou: float = 0.5
-        tau_video: float = 0.1
-        tau_sent: float = 0.1
-        margin: float = 0.4
-        contrastive_weight: float = 0.05
-        only_iou: int = 7  # full contrastive weight while epoch <= only_iou, then x0.01
+        neg_iou: Fraction = 0.5
+        sent_removal_iou: Fraction = 0.5
+        tau_video: Positive = 0.1
+        tau_sent: Positive = 0.1
+        margin: NonNegative = 0.4
+        contrastive_weight: NonNegative = 0.05
+        only_iou: NonNegativeInt = 7  # full contrastive weight while epoch <= only_iou, then x0.01
         # optimisation
-        lr: float = 1e-4
-        bert_lr_scale: float = 0.1
-        weight_decay: float = 1e-5
-        betas: tuple[float, float] = (0.9, 0.99)
-        milestones: list[int] = Field(default_factory=lambda: [8, 13])
-        gamma: float = 0.1
-        freeze_bert: int = 4  # BERT frozen while epoch <= freeze_bert
+        lr: Positive = 1e-4
+        bert_lr_scale: NonNegative = 0.1
+        weight_decay: NonNegative = 1e-5
+        betas: tuple[Fraction, Fraction] = (0.9, 0.99)
+        milestones: list[Count] = Field(default_factory=lambda: [8, 13])
+        gamma: Positive = 0.1
+        freeze_bert: NonNegativeInt = 4  # BERT frozen while epoch <= freeze_bert
         # inference and evaluation
-        nms_threshold: float = 0.5
-        score_pow: float = 0.5
+        nms_threshold: Fraction = 0.5
+        score_pow: Positive = 0.5
         num_windows: int = Field(10, ge=1)  # windows kept per query after NMS
-        recall_ks: list[int] = Field(default_factory=lambda: [1, 5])
-        iou_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.7])
+        recall_ks: list[Count] = Field(default_factory=lambda: [1, 5])
+        iou_thresholds: list[Fraction] = Field(default_factory=lambda: [0.5, 0.7])
 
     def __init__(self, cfg: Config, data: DataContext):
         super().__init__(cfg, data)

@@ -44,9 +44,11 @@ from models.common import (
     scaled_iou_bce_loss,
     windows_from_predictions,
 )
+from pipeline.core.params import Count, Fraction, NonNegative, NonNegativeInt, Positive
 from pipeline.core.provenance import read_record, weights_record
 from pipeline.media.feature_pca import VideoPCAConfig
 from pipeline.media.features import FeatureFile, load_video
+from pipeline.nets.checkpoints import WeightsError, torch_load
 from pipeline.text.sentence_features import QueryEncoderConfig, query_key, read_query_features
 from pipeline.training.trainer import (
     DataContext,
@@ -165,12 +167,12 @@ class MaskableRetention(nn.Module):
         dim: int,
         num_clips: int,
         heads: int = 8,
-        gamma: float = 0.98,
+        gamma: Positive = 0.98,
         att_mode: AttMode = "all",
         mask_mode: MaskMode = "both",
         bidirectional_decay: bool = True,
         att_softmax: bool = True,
-        att_dropout: float | None = None,
+        att_dropout: Fraction | None = None,
         projection: Literal["matrices", "linear"] = "matrices",
         no_softmax_weights: Literal["zeros", "logits"] = "zeros",
     ):
@@ -320,11 +322,11 @@ class MRNet(GroundingModel):
         """Defaults: the official ActivityNet best config (`checkpoints/best/activity/config.yml`)."""
 
         seed: int | None = 25285
-        epochs: int = 15
-        batch_size: int = 12  # videos
-        eval_batch_size: int = 12
-        grad_clip: float | None = 5.0
-        eval_from: int = 1  # SKIP_TEST 1: the official loop tests once epoch >= SKIP_TEST
+        epochs: Count = 15
+        batch_size: Count = 12  # videos
+        eval_batch_size: Count = 12
+        grad_clip: Positive | None = 5.0
+        eval_from: Count = 1  # SKIP_TEST 1: the official loop tests once epoch >= SKIP_TEST
         select_metric: str = "R@1,IoU@0.5"
         # inputs
         feature: str = "c3d"  # video features: `features/<feature>.h5`
@@ -337,7 +339,7 @@ class MRNet(GroundingModel):
         num_clips: int = Field(64, ge=1)  # N
         pool_kernel: int = Field(4, ge=1)  # FEATPOOL.KERNEL_SIZE; stride num_pre_clips // num_clips
         featpool_hidden: int = Field(512, ge=1)
-        pooling_counts: list[int] = Field(default_factory=lambda: [15, 8, 8])
+        pooling_counts: list[Count] = Field(default_factory=lambda: [15, 8, 8])
         dim: int = Field(256, ge=1)  # JOINT_SPACE_SIZE: TransRet width, map channels, output heads
         predictor_hidden: int = Field(512, ge=1)
         predictor_kernel: int = Field(9, ge=1)
@@ -353,30 +355,30 @@ class MRNet(GroundingModel):
         mask_mode: MaskMode = "both"
         bidirectional_decay: bool = True  # D_DOUBLE (diagonal 2)
         att_softmax: bool = True
-        att_dropout: float | None = None
+        att_dropout: Fraction | None = None
         projection: Literal["matrices", "linear"] = "matrices"  # "linear": ret_model_tacos.py
         no_softmax_weights: Literal["zeros", "logits"] = "zeros"  # see MaskableRetention
         # losses (MODEL.RET.LOSS.* and SOLVER.*)
-        min_iou: float = 0.5
-        max_iou: float = 1.0
+        min_iou: Fraction = 0.5
+        max_iou: Fraction = 1.0
         top_k: int = Field(1, ge=1)  # NUM_POSTIVE_VIDEO_PROPOSAL
-        neg_video_iou: float = 0.5
-        sent_removal_iou: float = 0.5
-        tau_video: float = 0.1
-        tau_sent: float = 0.1
-        margin: float = 0.3
-        contrastive_weight: float = 0.1
-        sparse_weight: float = 10.0
-        loss_ratio: float = 0.15  # overall_min = loss_ratio * batch_size * sparse_weight
+        neg_video_iou: Fraction = 0.5
+        sent_removal_iou: Fraction = 0.5
+        tau_video: Positive = 0.1
+        tau_sent: Positive = 0.1
+        margin: NonNegative = 0.3
+        contrastive_weight: NonNegative = 0.1
+        sparse_weight: NonNegative = 10.0
+        loss_ratio: NonNegative = 0.15  # overall_min = loss_ratio * batch_size * sparse_weight
         sparsity_count_twice: bool = True  # official: sp is added again when sp >= overall_min
-        only_iou: int = 6  # full contrastive + sparsity weight while epoch <= only_iou, then x0.01
+        only_iou: NonNegativeInt = 6  # full contrastive + sparsity weight while epoch <= only_iou, then x0.01
         # optimiser
-        lr: float = 8e-4
-        milestones: list[int] = Field(default_factory=lambda: [7, 15])
+        lr: Positive = 8e-4
+        milestones: list[Count] = Field(default_factory=lambda: [7, 15])
         # inference
-        nms_thresh: float = 0.5
-        score_pow: float = 0.5  # CONTRASTIVE_SCORE_POW
-        thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
+        nms_thresh: Fraction = 0.5
+        score_pow: Positive = 0.5  # CONTRASTIVE_SCORE_POW
+        thresholds: list[Fraction] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
         test_query_order: QueryOrder = "gt_start"  # official; "text": honest (see query_order)
         report_both_orders: bool = True  # also predict/score with the other order ("text_order/..." metrics)
         num_predictions: int = Field(5, ge=1)  # windows kept per query after NMS
@@ -602,11 +604,11 @@ def load_official_checkpoint(path: str | Path, cfg: MRNet.Config) -> dict[str, T
     "epoch"} by MmnCheckpointer, or a bare state dict) and return our state dict."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: MRNet checkpoint not found (model.mrnet.init_weights)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+        raise WeightsError(f"{path}: MRNet checkpoint not found (model.mrnet.init_weights)")
+    blob = torch_load(str(path))
     state = blob.get("model", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict or a dict with a 'model' state dict")
+        raise WeightsError(f"{path}: expected a state dict or a dict with a 'model' state dict")
     try:
         return official_state_dict(state, cfg)
     except ValueError as e:

@@ -14,12 +14,39 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from extractors import EXTRACTORS
 from models import MODELS
+from pipeline.core.errors import USER_OS_ERRORS, VmrError, os_error_message
 from pipeline.core.params import Params, ParamsError, load_params
 
+
+class _ReportingGroup(TyperGroup):
+    """Every command's bad input (a `VmrError`) or machine state (a read-only folder, a full disk)
+    ends in one `error:` line and exit code 2, never a traceback; anything else is a bug and keeps it."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except VmrError as e:
+            _fail(str(e))
+        except OSError as e:
+            if not _is_user_os_error(e):
+                raise
+            _fail(os_error_message(e))
+
+
+def _is_user_os_error(e: OSError) -> bool:
+    if e.errno in USER_OS_ERRORS:
+        return True
+    # h5py reports HDF5's failures as a bare OSError whose text carries the system error
+    return any(s in str(e) for s in ("No space left", "Read-only file system", "Permission denied",
+                                     "File name too long"))
+
+
 app = typer.Typer(
+    cls=_ReportingGroup,
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
@@ -216,8 +243,12 @@ def evaluate(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     profile: ProfileOpt = None,
+    allow_unfinished: Annotated[bool, typer.Option(
+        help="evaluate weights of a training run that did not finish (recorded in metrics.json).")] = False,
 ) -> None:
     """Evaluate a trained model on `evaluate.split`.
+
+    Refuses (exit 2) weights whose training run did not finish, unless --allow-unfinished.
 
     Reads: the selected checkpoint in `trainer.out_dir`/<model>/, features and annotations.
     Writes: `evaluate.out_dir`/<model>/metrics.json (with the random baseline) and predictions/
@@ -225,7 +256,7 @@ def evaluate(
     """
     from stages import evaluate as stage
 
-    _run(params, set_, profile, stage, model=model)
+    _run(params, set_, profile, stage, model=model, allow_unfinished=allow_unfinished)
 
 
 @app.command()

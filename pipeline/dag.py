@@ -106,10 +106,7 @@ def build_dag(params: Params, raw: dict[str, Any]) -> dict[str, Any]:
     if params.dataset.name == "synthetic":
         stages["synth"] = _stage(
             "vmr synth", "Generate the synthetic default dataset (H.264 videos, Charades-STA annotations, "
-            "synthetic GloVe)", stage_code("synth"), [], ["synth"], raw, [params.synth.out_dir],
-            # Rendered frames are bit-exact, but x264 (inside PyAV) now and then encodes a video to
-            # other bytes from run to run; everything after it is checked byte for byte on shared videos.
-            meta={"deterministic": False})
+            "synthetic GloVe)", stage_code("synth"), [], ["synth"], raw, [params.synth.out_dir])
     frame_readers = frame_models(params)
     members = [EXTRACTORS.get(f) for f in params.features] + [MODELS.get(m) for m in frame_readers]
     stages["decode"] = _stage(

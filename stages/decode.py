@@ -14,7 +14,7 @@ from pipeline.core.codedeps import stage_code
 from pipeline.core.params import Params, ParamsError, require_files, subset
 from pipeline.core.progress import log, make_progress
 from pipeline.core.provenance import make_record, write_record
-from pipeline.media.decode import decode_all, list_videos
+from pipeline.media.decode import decode_all, list_videos, unusable_videos
 
 
 def frame_models(params: Params) -> list[str]:
@@ -56,6 +56,7 @@ def run(params: Params, source: str, **_: object) -> None:
             recycle_after=p.recycle_after,
             backend=p.backend,
             on_result=lambda vid, status: progress.advance(bar),
+            unusable=unusable_videos(p.video_dir),
         )
         progress.update(bar, completed=len(videos))
 

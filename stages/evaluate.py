@@ -8,6 +8,7 @@ from models import MODELS
 from pipeline.core import provenance
 from pipeline.core.atomic import write_json
 from pipeline.core.codedeps import stage_code
+from pipeline.core.errors import VmrError
 from pipeline.core.params import Params, require_files, subset
 from pipeline.core.progress import log
 from pipeline.training.trainer import (
@@ -19,11 +20,31 @@ from pipeline.training.trainer import (
 from stages.train import check_inputs, data_context
 
 
-def run(params: Params, source: str, model: str) -> None:
+class UnfinishedTraining(VmrError):
+    """best.pt is from a training run that did not finish."""
+
+
+def unfinished_reason(best: Path) -> str | None:
+    """Why `best` is not the result of a finished training run, or None if it is (see stages/train.py)."""
+    record = provenance.read_record(best)
+    if record is None or "best_sha256" not in record:
+        return f"{best} has no training record: its run did not finish"
+    if record["best_sha256"] != provenance.sha256_file(best):
+        return f"{best} was rewritten after its training record: a later run did not finish"
+    return None
+
+
+def run(params: Params, source: str, model: str, allow_unfinished: bool = False) -> None:
     cls = MODELS.get(model)
     data = data_context(params, model)
     best = Path(params.trainer.out_dir) / model / "best.pt"
     require_files(source, {f"trainer.out_dir ({model} weights)": str(best)})
+    unfinished = unfinished_reason(best)
+    if unfinished and not allow_unfinished:
+        raise UnfinishedTraining(f"{unfinished}; run `vmr train --model {model}` to finish it, "
+                                 "or pass --allow-unfinished")
+    if unfinished:
+        log(f"WARNING: evaluating unfinished training: {unfinished} (recorded in metrics.json)")
     inputs = check_inputs(params, source, model, data)
     split = params.evaluate.split
     out_dir = Path(params.evaluate.out_dir) / model
@@ -39,7 +60,8 @@ def run(params: Params, source: str, model: str) -> None:
 
     predictions_path = net.write_predictions(preds, out_dir / "predictions")
     metrics_path = out_dir / "metrics.json"
-    write_json(metrics_path, {**metrics, "random_baseline": baseline, "epoch": int(state["epoch"])})
+    write_json(metrics_path, {**metrics, "random_baseline": baseline, "epoch": int(state["epoch"]),
+                              **({"unfinished_training": unfinished} if unfinished else {})})
 
     selected_on = state["config"].get("select_split")
     record = provenance.make_record(

@@ -10,7 +10,7 @@ from pipeline.core.codedeps import stage_code
 from pipeline.core.params import Params, require_files, subset
 from pipeline.core.progress import log, make_progress
 from pipeline.core.provenance import make_record, read_record
-from pipeline.media.h5merge import MergeError, export_npz, merge_to_hdf5
+from pipeline.media.h5merge import export_npz, merge_to_hdf5
 
 
 def run(params: Params, source: str, feature: str, **_: object) -> None:
@@ -31,13 +31,10 @@ def run(params: Params, source: str, feature: str, **_: object) -> None:
     )
     with make_progress() as progress:
         bar = progress.add_task(f"merge {feature}", total=None)
-        try:
-            summary = merge_to_hdf5(
-                src, out, dtype=p.dtype, compression=p.compression, layout=p.layout, dim=dim,
-                provenance=record, progress=lambda: progress.advance(bar),
-            )
-        except MergeError as e:
-            raise SystemExit(f"error: merge-{feature}: {e}") from None
+        summary = merge_to_hdf5(  # a MergeError names the file: the CLI prints it, exit 2
+            src, out, dtype=p.dtype, compression=p.compression, layout=p.layout, dim=dim,
+            provenance=record, progress=lambda: progress.advance(bar),
+        )
     log(f"merge {feature}: {summary.videos} videos, dim {summary.dim}, {summary.total_rows} rows -> {out}")
     if p.export_npz_dir:
         n = export_npz(out, Path(p.export_npz_dir) / feature)

@@ -21,6 +21,7 @@ def data_context(params: Params, model: str) -> DataContext:
         frames_dir=Path(params.decode.out_dir),
         run_dir=Path(params.trainer.out_dir) / model,
         seed=cfg.seed if cfg.seed is not None else params.seed,
+        video_features=tuple(MODELS.get(model).needs(cfg, params.dataset).features),
     )
 
 
@@ -43,6 +44,9 @@ def check_inputs(params: Params, source: str, model: str, data: DataContext) -> 
     """`model_inputs`, after checking that each exists (exit 2 naming the key if one is missing)."""
     inputs = model_inputs(params, model, data)
     require_files(source, {k: str(v) for k, v in inputs.items()})
+    # every query's video has features (or is skipped), before any work
+    for split in sorted({"train", params.trainer.select_split, params.evaluate.split} & set(data.splits)):
+        data.queries(split)
     return inputs
 
 
@@ -79,7 +83,10 @@ def run(params: Params, source: str, model: str) -> None:
         inputs=inputs,
         weights=result.weights,
         code=code,
-        extra={"model_config": cfg.model_dump(), "selected_epoch": result.best_epoch,
+        # The run is finished only when this record names the very best.pt it describes: a run killed
+        # after writing best.pt leaves a record that is absent or names other bytes (evaluate checks).
+        extra={"best_sha256": provenance.sha256_file(result.best_path), "selected_epoch": result.best_epoch,
+               "model_config": cfg.model_dump(),
                "selected_on": t.select_split, "selected_on_evaluated_split": selects_on_eval,
                "selection_metrics": result.best_metrics},
     )

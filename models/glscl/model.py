@@ -39,6 +39,7 @@ from models.glscl.data import (
     glscl_protocol,
     retrieval_pairs,
 )
+from pipeline.core.params import Count, Fraction, NonNegative, Positive
 from pipeline.core.provenance import weights_record
 from pipeline.media.features import feature_statistics
 from pipeline.nets.checkpoints import check_state_dict
@@ -140,10 +141,10 @@ def all_gather_local_grad(t: torch.Tensor) -> torch.Tensor:
 class GLSCL(RetrievalModel):
     class Config(TrainConfig):
         # training defaults of train_msrvtt.sh / the README
-        epochs: int = 5
-        batch_size: int = 128  # global, in (caption, video) pairs
-        eval_batch_size: int = 64
-        grad_clip: float | None = 1.0  # global clip_grad_norm_; BertAdam also clips each tensor to 1.0
+        epochs: Count = 5
+        batch_size: Count = 128  # global, in (caption, video) pairs
+        eval_batch_size: Count = 64
+        grad_clip: Positive | None = 1.0  # global clip_grad_norm_; BertAdam also clips each tensor to 1.0
         select_metric: str = "t2v_R1"
         # retrieval data: "video_captions" = the dataset's {vid: caption} file, split videos from
         # `dataset.splits` (the synthetic default); "msrvtt" = `dataset.splits` are CLIP4Clip's files
@@ -179,12 +180,12 @@ class GLSCL(RetrievalModel):
         query_share: bool = True  # text and video use the same learnable queries
         decoder_share: bool = True  # `cross_att_share`: one decoder for both modalities
         temperature: float = Field(3.0, gt=0)  # `temp` (tau) of the global interaction
-        local_weight: float = 0.5  # `loss2_weight` (lambda)
+        local_weight: Fraction = 0.5  # `loss2_weight` (lambda)
         # losses
-        alpha: float = 1e-4  # intra-diversity (IDL) weight
-        beta: float = 0.005  # inter-consistency (ICL) diagonal weight (README; train_msrvtt.sh uses 0.02)
-        idl_margin: float = 0.1
-        icl_target: float = 0.75
+        alpha: NonNegative = 1e-4  # intra-diversity (IDL) weight
+        beta: NonNegative = 0.005  # inter-consistency (ICL) diagonal weight (README; train_msrvtt.sh uses 0.02)
+        idl_margin: NonNegative = 0.1
+        icl_target: Fraction = 0.75
         # optimisation (BertAdam as released)
         lr: float = Field(1e-4, gt=0)
         coef_lr: float = Field(1e-3, gt=0)  # CLIP parameters train at lr * coef_lr
@@ -472,7 +473,7 @@ class BertAdam(torch.optim.Optimizer):
     separate LambdaLR (`warmup_cosine`)."""
 
     def __init__(self, params, lr: float, b1: float = 0.9, b2: float = 0.98, eps: float = 1e-6,
-                 weight_decay: float = 0.0, max_grad_norm: float = 1.0):
+                 weight_decay: NonNegative = 0.0, max_grad_norm: float = 1.0):
         super().__init__(params, dict(lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                                       max_grad_norm=max_grad_norm))
 

@@ -26,6 +26,7 @@ from models.mesm.data import MesmVideoDataset, collate_groups
 from models.mesm.network import MESMNet
 from models.mesm.spans import span_cxw_to_xx
 from models.mesm.text import MesmTokenizer, build_text_encoder
+from pipeline.core.params import Count, Fraction, NonNegative, Positive
 from pipeline.media.features import FeatureFile, feature_statistics
 from pipeline.training.evaluation import evaluate_moment_detr
 from pipeline.training.evaluation import temporal_iou as interval_iou
@@ -51,15 +52,15 @@ class MESM(GroundingModel):
     class Config(TrainConfig):
         # training (MESM's runner: AdamW, StepLR per epoch, grad-norm clip 0.1; batch = video groups)
         seed: int | None = 2019
-        epochs: int = 200
-        batch_size: int = 12
-        eval_batch_size: int = 30
-        grad_clip: float | None = 0.1
+        epochs: Count = 200
+        batch_size: Count = 12
+        eval_batch_size: Count = 30
+        grad_clip: Positive | None = 0.1
         select_metric: str = "mAP"  # MESM's stop_score (mAP for Charades, mIoU for CG / TACoS)
         lr: float = Field(2e-4, gt=0)
         weight_decay: float = Field(1e-4, ge=0)
         lr_drop: int = Field(400, ge=1)
-        lr_gamma: float = 0.5
+        lr_gamma: Positive = 0.5
         # data
         features: list[str] = Field(default_factory=lambda: ["clip", "slowfast"])
         layout: Literal["single", "qvhighlights"] = "single"  # one GT moment per query / QVH windows + scores
@@ -76,9 +77,9 @@ class MESM(GroundingModel):
         standardize_video: bool = False
         normalize_txt: bool = True
         contra_samples: int = Field(2, ge=1)
-        max_gather_size: int = -1  # TACoS: 10 queries per item
+        max_gather_size: int = Field(-1, ge=-1) # TACoS: 10 queries per item
         max_windows: int = Field(5, ge=1)
-        max_ts_val: float = 150
+        max_ts_val: Positive = 150
         # text
         text_encoder: Literal["clip", "glove_pkl", "glove_txt"] = "clip"
         text_weights: str | None = None  # clip: clip_text_encoder.pth; None = random init (recorded)
@@ -104,23 +105,23 @@ class MESM(GroundingModel):
         rec_fw: bool = True
         rec_ss: bool = True
         # losses and matching
-        set_cost_span: float = 10
-        set_cost_giou: float = 1
-        set_cost_class: float = 4
-        loss_span_coef: float = 10
-        loss_giou_coef: float = 1
-        loss_label_coef: float = 4
-        loss_saliency_coef: float = 4
-        loss_recfw_coef: float = 0.1
-        loss_recss_coef: float = 0.1
-        eos_coef: float = 0.1
-        rank_coef: float = 12
+        set_cost_span: NonNegative = 10
+        set_cost_giou: NonNegative = 1
+        set_cost_class: NonNegative = 4
+        loss_span_coef: NonNegative = 10
+        loss_giou_coef: NonNegative = 1
+        loss_label_coef: NonNegative = 4
+        loss_saliency_coef: NonNegative = 4
+        loss_recfw_coef: NonNegative = 0.1
+        loss_recss_coef: NonNegative = 0.1
+        eos_coef: NonNegative = 0.1
+        rank_coef: NonNegative = 12
         use_triplet: bool = False
-        saliency_margin: float = 0.2
-        iou_gamma: float = 0.9
-        recss_tau: float = 0.5
+        saliency_margin: NonNegative = 0.2
+        iou_gamma: Fraction = 0.9
+        recss_tau: Positive = 0.5
         # evaluation
-        r1_thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
+        r1_thresholds: list[Fraction] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
         length_ranges: dict[str, tuple[float, float]] = Field(
             default_factory=lambda: {"short": (0, 10), "middle": (10, 30), "long": (30, 150), "full": (0, 150)})
 

@@ -8,6 +8,7 @@ mistakes for a finished artifact.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -18,6 +19,15 @@ from typing import Any
 import numpy as np
 
 TMP_PREFIX = ".tmp-"
+# A file name may have 255 bytes; mkstemp adds 8 random characters and the prefix adds its own, so
+# the temporary's copy of the final name is cut to fit (a 250-byte video id must still decode).
+_NAME_BYTES_IN_TEMPORARY = 200
+
+
+def temporary_prefix(name: str) -> str:
+    """`.tmp-<name>.` with `name` cut to a length whose temporary file name the OS accepts."""
+    cut = name.encode("utf-8")[:_NAME_BYTES_IN_TEMPORARY].decode("utf-8", errors="ignore")
+    return f"{TMP_PREFIX}{cut}."
 
 
 @contextlib.contextmanager
@@ -25,7 +35,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     tmp_path = Path(tmp)
@@ -77,6 +87,14 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def remove_own_temporaries(path: str | os.PathLike) -> None:
+    """Delete what an interrupted write of `path` left (`.tmp-<name>.*` beside it)."""
+    path = Path(path)
+    if path.parent.is_dir():
+        for f in path.parent.glob(glob.escape(temporary_prefix(path.name)) + "*"):
+            f.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> int:

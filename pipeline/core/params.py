@@ -12,25 +12,33 @@ import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.core.errors import VmrError
 from pipeline.core.registry import Registry
 
 
-class ParamsError(Exception):
+class ParamsError(VmrError):
     """Bad params: the message names the file, the key path and what was expected."""
 
 
 class Section(BaseModel):
-    """Base of every params section: unknown keys are errors, values are immutable."""
+    """Base of every params section: unknown keys are errors, values are immutable, numbers finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-PositiveFloat = float
+# Domains of numeric hyper-parameters. Every number in a section is finite (allow_inf_nan=False);
+# these say which range it must be in. Use them as the field's type, so that a subclass that
+# changes the default keeps the domain (a bare `epochs: int = 18` would drop a parent's Field).
+Count = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
 # -- sections -------------------------------------------------------------------------------------
 
 
@@ -184,7 +192,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ParamsError(f"override '{text}': expected KEY=VALUE (e.g. decode.workers=4)")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ParamsError(f"override '{text}': empty part in the key '{key}'")
+    try:
+        return keys, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ParamsError(f"override '{text}': the value is not valid YAML ({problem})") from None
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -202,9 +217,13 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if data is None:  # an empty file would silently run every stage on the defaults
+        raise ParamsError(f"{path}: the file is empty (expected a mapping of params)")
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level")
     return data

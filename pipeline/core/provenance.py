@@ -23,6 +23,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.core.atomic import write_json
 from pipeline.core.codedeps import PACKAGES, REPO_ROOT
+from pipeline.core.errors import ChecksumError
 from pipeline.core.progress import log
 
 SIDECAR_SUFFIX = ".prov.json"
@@ -86,7 +87,7 @@ def weights_record(path: str | os.PathLike | None, expected_sha256: str | None =
         return "random"
     digest = sha256_file(path)
     if expected_sha256 and digest != expected_sha256.lower():
-        raise ValueError(
+        raise ChecksumError(
             f"weights file {path}: sha256 {digest} does not match the expected {expected_sha256}"
         )
     return digest

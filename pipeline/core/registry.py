@@ -11,6 +11,8 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from pipeline.core.errors import UnknownNameError
+
 T = TypeVar("T")
 
 
@@ -44,7 +46,7 @@ class Registry:
     def get(self, name: str) -> type:
         self._discover()
         if name not in self._members:
-            raise KeyError(f"unknown {self.kind} '{name}'; expected one of {self.names()}")
+            raise UnknownNameError(f"unknown {self.kind} '{name}'; expected one of {self.names()}")
         return self._members[name]
 
     def config(self, params: Any, name: str) -> Any:

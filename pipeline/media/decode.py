@@ -55,17 +55,45 @@ class DecodeError(TaskError):
     """A video that cannot be decoded; the message is the reason in the failures report."""
 
 
+# The longest video id whose derived file names (<id>.json, <id>.npy) fit the 255-byte name limit.
+MAX_ID_BYTES = 250
+
+
 def list_videos(video_dir: str | Path) -> dict[str, Path]:
-    """video id (file stem) -> path, sorted; two files with the same stem are an error."""
+    """video id (file stem) -> path, sorted; two files with the same stem are an error. Entries
+    that look like videos but cannot be decoded are left out: `unusable_videos` says why."""
     video_dir = Path(video_dir)
     found: dict[str, Path] = {}
+    rejected = unusable_videos(video_dir)
     for p in sorted(video_dir.iterdir()):
         if not p.is_file() or p.suffix.lower() not in VIDEO_EXTENSIONS or p.name.startswith("."):
+            continue
+        if p.name in rejected:
             continue
         if p.stem in found:
             raise ValueError(f"{video_dir}: two videos with the id '{p.stem}': {found[p.stem].name}, {p.name}")
         found[p.stem] = p
     return dict(sorted(found.items()))
+
+
+def unusable_videos(video_dir: str | Path) -> dict[str, str]:
+    """File name -> reason, for entries with a video extension that decode cannot take: directories,
+    broken symlinks and symlink loops, other non-files, and ids too long for the files derived from
+    them. Decode reports them in failures.json instead of ignoring them silently."""
+    out: dict[str, str] = {}
+    for p in sorted(Path(video_dir).iterdir()):
+        if p.suffix.lower() not in VIDEO_EXTENSIONS or p.name.startswith("."):
+            continue
+        if p.is_symlink() and not p.exists():
+            out[p.name] = "a broken symlink or a symlink loop"
+        elif p.is_dir():
+            out[p.name] = "a directory, not a video file"
+        elif not p.is_file():
+            out[p.name] = "not a regular file"
+        elif len(p.stem.encode("utf-8")) > MAX_ID_BYTES:
+            out[p.name] = (f"the video id has {len(p.stem.encode('utf-8'))} bytes; files named after it "
+                           f"would pass the 255-byte limit (at most {MAX_ID_BYTES})")
+    return out
 
 
 def sha256_of(path: Path) -> str:
@@ -423,6 +451,9 @@ def decode_video(task: DecodeTask, source_sha256: str | None = None) -> dict[str
     selections = {}
     for proto in task.protocols:
         idx, windows, rate = select(proto, starts, stops, end, info["stream_duration"])
+        if len(idx) == 0:  # ffmpeg's fps filter outputs nothing for it either (e.g. a 1-frame video)
+            raise DecodeError(f"protocol {proto.key} keeps no frame of this {end:.3f} s video "
+                              f"({len(starts)} frame(s)): too short to give a feature")
         selections[proto.key] = (proto, idx, windows, rate)
     needed = np.unique(np.concatenate([s[1] for s in selections.values()]))
 
@@ -544,8 +575,10 @@ def decode_all(
     recycle_after: int = 32,
     backend: str = "decord",
     on_result: Callable[[str, str], None] | None = None,
+    unusable: dict[str, str] | None = None,
 ) -> DecodeSummary:
-    """Decode `videos` (id -> path) for `protocols` into the store, resuming finished videos."""
+    """Decode `videos` (id -> path) for `protocols` into the store, resuming finished videos.
+    `unusable` (file name -> reason, from `unusable_videos`) is listed among the failures."""
     store = FrameStore(store_root)
     protocols = list({p.key: p for p in protocols}.values())  # equal protocols share frames
     keys = {p.key for p in protocols}
@@ -569,8 +602,10 @@ def decode_all(
         if on_result:
             on_result(vid, res.status)
     _prune(store, videos, keys, set(failed))
-    _write_reports(store, videos)
-    return DecodeSummary(total=len(videos), decoded=decoded, skipped=skipped, failed=failed)
+    unusable = unusable or {}
+    _write_reports(store, videos, unusable)
+    failed |= {Path(name).stem: reason for name, reason in unusable.items()}
+    return DecodeSummary(total=len(videos) + len(unusable), decoded=decoded, skipped=skipped, failed=failed)
 
 
 def _prune(store: FrameStore, videos: dict[str, Path], keys: set[str], failed: set[str]) -> None:
@@ -598,8 +633,9 @@ def _prune(store: FrameStore, videos: dict[str, Path], keys: set[str], failed: s
                     f.unlink()
 
 
-def _write_reports(store: FrameStore, videos: dict[str, Path]) -> None:
-    """manifest.json and failures.json from the per-video records, sorted (deterministic)."""
+def _write_reports(store: FrameStore, videos: dict[str, Path], unusable: dict[str, str]) -> None:
+    """manifest.json and failures.json from the per-video records and the unusable entries, sorted
+    (deterministic)."""
     manifest, failures = {}, []
     for vid in videos:
         rec = store.read_record(vid)
@@ -613,8 +649,10 @@ def _write_reports(store: FrameStore, videos: dict[str, Path]) -> None:
         manifest[vid] = summary
         if rec["status"] != "ok":
             failures.append({"video": vid, "file": rec["file"], "reason": rec["reason"]})
+    failures += [{"video": Path(name).stem, "file": name, "reason": reason} for name, reason in unusable.items()]
+    failures.sort(key=lambda f: f["video"])
     write_json(store.root / MANIFEST, {"videos": manifest})
     write_json(
         store.root / FAILURES,
-        {"total": len(videos), "failed": len(failures), "failures": failures},
+        {"total": len(videos) + len(unusable), "failed": len(failures), "failures": failures},
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -22,10 +23,17 @@ class TaskError(Exception):
     """A task failure whose message is the whole reason (other exceptions are reported with their type)."""
 
 
+# decord (dmlc-core) starts its messages with the wall-clock time, e.g. "[18:40:07] src/...": a
+# reason that changes on every run would make failures.json and the records irreproducible.
+_LOG_TIME_PREFIX = re.compile(r"\[\d{2}:\d{2}:\d{2}\] ")
+
+
 def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (C++ libraries append pages of context), capped."""
+    """The first line of an exception's message (C++ libraries append pages of context), without a
+    log-time prefix, capped."""
     text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+    line = text[0] if text else type(e).__name__
+    return _LOG_TIME_PREFIX.sub("", line)[:300]
 
 
 @dataclass

@@ -25,13 +25,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.core.atomic import TMP_PREFIX, write_json, write_npy
+from pipeline.core.atomic import remove_own_temporaries, write_json, write_npy
 from pipeline.media.framestore import FrameStore
 from pipeline.media.sampling import VideoInfo
 
@@ -315,8 +314,7 @@ def _remove_own_temporaries(out_dir: Path, video_ids: list[str]) -> None:
     """Leftovers of an interrupted run (`pipeline.core.atomic` names them .tmp-<file>.<random>)."""
     for vid in video_ids:
         for name in (f"{vid}.npy", f"{vid}.json"):
-            for f in out_dir.glob(glob_escape(f"{TMP_PREFIX}{name}.") + "*"):
-                f.unlink(missing_ok=True)
+            remove_own_temporaries(out_dir / name)
 
 
 def _prune(out_dir: Path, keep: set[str]) -> None:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,13 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.core.atomic import atomic_path, write_bytes
+from pipeline.core.atomic import atomic_path, remove_own_temporaries, write_bytes
+from pipeline.core.errors import VmrError
 
 FEATURE_SUFFIXES = (".npy", ".npz")
 
 
-class MergeError(ValueError):
+class MergeError(VmrError, ValueError):
     """Bad per-video input; the message names the file."""
 
 
@@ -55,6 +58,27 @@ def list_feature_files(src_dir: str | Path) -> dict[str, Path]:
             raise MergeError(f"{src_dir}: duplicate video '{vid}': {found[vid].name} and {p.name}")
         found[vid] = p
     return found
+
+
+def check_free_space(files: Iterable[Path], out_path: str | Path, itemsize: int) -> None:
+    """Refuse to start a merge that cannot fit: HDF5 on a full disk does not fail cleanly (it
+    raises from destructors and can crash the process), so the space is checked first."""
+    needed = 1 << 20  # HDF5 metadata and attributes, generously
+    for path in files:
+        if path.suffix == ".npy":
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+                needed += arr.size * itemsize + 1024
+                continue
+            except Exception:
+                pass  # unreadable: load_feature names it later
+        needed += path.stat().st_size * max(1, itemsize // 2)  # .npz may be compressed float16
+    parent = Path(out_path).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise MergeError(f"{out_path}: the merged file needs about {needed / 2**20:.1f} MiB, "
+                         f"but {parent} has {free / 2**20:.1f} MiB free")
 
 
 def load_feature(path: Path) -> np.ndarray:
@@ -106,6 +130,8 @@ def merge_to_hdf5(
         raise MergeError(f"{src_dir}: no .npy/.npz feature files")
     comp = None if compression == "none" else compression
     total_rows = bytes_in = 0
+    remove_own_temporaries(out_path)  # a killed merge's half-written file
+    check_free_space(files.values(), out_path, np.dtype(dtype).itemsize)
     with atomic_path(out_path) as tmp:
         # track_times=False and a fixed id order keep the file's bytes a function of its contents
         with h5py.File(tmp, "w", track_order=False) as h5:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.core.errors import VmrError
 
-class WeightsError(ValueError):
+
+class WeightsError(VmrError, ValueError):
     """A weights file is unreadable or does not match the architecture (names file and keys)."""
 
 
@@ -45,7 +47,16 @@ def torch_load(path: str) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
-        raise WeightsError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        raise WeightsError(f"{path}: not a readable torch checkpoint ({short_reason(e)})") from None
+
+
+def short_reason(e: BaseException) -> str:
+    """One line for an exception: torch's weights-only errors bury the cause in a page of advice."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    line = next((s.strip() for s in text.splitlines() if s.strip()), "")
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def unwrap_state_dict(obj: object, path: str, keys: tuple[str, ...] = ("state_dict", "model_state", "model")) -> dict:

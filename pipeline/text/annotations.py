@@ -49,6 +49,7 @@ instead; nothing is ever dropped silently.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -57,10 +58,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.errors import VmrError
+
 Moment = tuple[float, float]
 
 
-class AnnotationError(ValueError):
+class AnnotationError(VmrError, ValueError):
     """A malformed annotation: the message names the file and the line or key."""
 
 
@@ -138,9 +141,41 @@ def _pair(value: Any, where: str) -> Moment:
     return _number(value[0], f"{where}[0]"), _number(value[1], f"{where}[1]")
 
 
+def read_utf8(path: str | os.PathLike) -> str:
+    """A whole text file; bytes that are not UTF-8 are an error naming the file, line and column."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise AnnotationError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column})") from None
+
+
+def _utf8_lines(path: Path, problems: _Problems) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a line-based file; a line that is not UTF-8 is a malformed record
+    (named, and skipped under on_error: skip) instead of an error for the whole file."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+
+
+def _id_problem(vid: Any) -> str | None:
+    """Why `vid` cannot be a video id, or None. Ids are HDF5 keys and file names: './S0000',
+    '/S0000' and 'S0000/' would all read S0000's features, so only plain names are accepted."""
+    if not isinstance(vid, str) or not vid:
+        return f"video id {vid!r} is not a non-empty string"
+    if "/" in vid or "\\" in vid or vid in (".", "..") or vid != vid.strip() or "\x00" in vid:
+        return f"video id {vid!r} is not a plain name (no slashes, surrounding spaces, '.' or '..')"
+    return None
+
+
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
 
@@ -152,7 +187,7 @@ def read_durations(csv_paths: Iterable[str | os.PathLike]) -> dict[str, float]:
     """{video id: length in seconds} from Charades_v1_*.csv files (fields hold commas and quotes)."""
     durations: dict[str, float] = {}
     for path in csv_paths:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with io.StringIO(read_utf8(path), newline="") as fh:
             reader = csv.DictReader(fh)
             for key in ("id", "length"):
                 if key not in (reader.fieldnames or []):
@@ -173,27 +208,29 @@ def _parse_charades_sta(path, *, dataset, split, durations, problems, **_) -> It
         raise AnnotationError(f"{path}: the charades_sta format needs duration csv files (Charades_v1_*.csv)")
     lengths = read_durations(durations)
     qid = 0
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            head, sep, sentence = line.partition("##")
-            fields = head.split()
-            if not sep or len(fields) != 3:
-                problems(f"{path}:{lineno}: expected 'VID start end##sentence', got {line!r}")
-                continue
-            vid = fields[0]
-            try:
-                moment = (_number(fields[1], "start"), _number(fields[2], "end"))
-            except ValueError as e:
-                problems(f"{path}:{lineno}: {e}")
-                continue
-            if vid not in lengths:
-                problems(f"{path}:{lineno}: video '{vid}' has no length in the duration csvs")
-                continue
-            yield Query(dataset, split, vid, lengths[vid], (moment,), sentence, qid)
-            qid += 1
+    for lineno, line in _utf8_lines(path, problems):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        head, sep, sentence = line.partition("##")
+        fields = head.split()
+        if not sep or len(fields) != 3:
+            problems(f"{path}:{lineno}: expected 'VID start end##sentence', got {line!r}")
+            continue
+        vid = fields[0]
+        if bad := _id_problem(vid):
+            problems(f"{path}:{lineno}: {bad}")
+            continue
+        try:
+            moment = (_number(fields[1], "start"), _number(fields[2], "end"))
+        except ValueError as e:
+            problems(f"{path}:{lineno}: {e}")
+            continue
+        if vid not in lengths:
+            problems(f"{path}:{lineno}: video '{vid}' has no length in the duration csvs")
+            continue
+        yield Query(dataset, split, vid, lengths[vid], (moment,), sentence, qid)
+        qid += 1
 
 
 def _parse_grounding_json(path, *, dataset, split, problems, **_) -> Iterator[Query]:
@@ -203,6 +240,8 @@ def _parse_grounding_json(path, *, dataset, split, problems, **_) -> Iterator[Qu
     qid = 0
     for vid, rec in data.items():
         try:
+            if bad := _id_problem(vid):
+                raise ValueError(bad)
             if not isinstance(rec, dict):
                 raise ValueError("expected an object")
             # Charades-CD stores the duration as `video_duration`.
@@ -238,6 +277,8 @@ def _parse_cpl_json(path, *, dataset, split, problems, **_) -> Iterator[Query]:
             vid, duration, moment, sentence = item
             if not isinstance(vid, str) or not isinstance(sentence, str):
                 raise ValueError("video id and sentence must be strings")
+            if bad := _id_problem(vid):
+                raise ValueError(bad)
             record = Query(dataset, split, vid, _number(duration, "duration"), (_pair(moment, "moment"),), sentence, i)
         except ValueError as e:
             problems(f"{path}: item [{i}]: {e}")
@@ -253,6 +294,8 @@ def _parse_tacos_json(path, *, dataset, split, problems, **_) -> Iterator[Query]
     qid = 0
     for vid, rec in data.items():
         try:
+            if bad := _id_problem(vid):
+                raise ValueError(bad)
             if not isinstance(rec, dict):
                 raise ValueError("expected an object")
             for key in ("fps", "num_frames", "timestamps", "sentences"):
@@ -275,33 +318,34 @@ def _parse_tacos_json(path, *, dataset, split, problems, **_) -> Iterator[Query]
 
 
 def _parse_qvhighlights(path, *, dataset, split, problems, **_) -> Iterator[Query]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                for key in ("qid", "query", "duration", "vid"):
-                    if key not in rec:
-                        raise ValueError(f"missing key '{key}'")
-                windows = tuple(_pair(w, f"relevant_windows[{i}]") for i, w in enumerate(rec.get("relevant_windows", [])))
-                clip_ids = rec.get("relevant_clip_ids")
-                scores = rec.get("saliency_scores")
-                if clip_ids is not None:
-                    clip_ids = tuple(int(c) for c in clip_ids)
-                    scores = tuple(tuple(int(s) for s in row) for row in scores or [])
-                    if len(scores) != len(clip_ids):
-                        raise ValueError(f"{len(clip_ids)} relevant_clip_ids but {len(scores)} saliency_scores")
-                record = Query(dataset, split, rec["vid"], _number(rec["duration"], "duration"), windows,
-                               rec["query"], rec["qid"], clip_ids, scores)
-            except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-                problems(f"{path}:{lineno}: {e}")
-                continue
-            yield record
+    for lineno, line in _utf8_lines(path, problems):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            for key in ("qid", "query", "duration", "vid"):
+                if key not in rec:
+                    raise ValueError(f"missing key '{key}'")
+            if bad := _id_problem(rec["vid"]):
+                raise ValueError(bad)
+            windows = tuple(_pair(w, f"relevant_windows[{i}]") for i, w in enumerate(rec.get("relevant_windows", [])))
+            clip_ids = rec.get("relevant_clip_ids")
+            scores = rec.get("saliency_scores")
+            if clip_ids is not None:
+                clip_ids = tuple(int(c) for c in clip_ids)
+                scores = tuple(tuple(int(s) for s in row) for row in scores or [])
+                if len(scores) != len(clip_ids):
+                    raise ValueError(f"{len(clip_ids)} relevant_clip_ids but {len(scores)} saliency_scores")
+            record = Query(dataset, split, rec["vid"], _number(rec["duration"], "duration"), windows,
+                           rec["query"], rec["qid"], clip_ids, scores)
+        except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            problems(f"{path}:{lineno}: {e}")
+            continue
+        yield record
 
 
 def _msrvtt_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(path, newline="", encoding="utf-8") as fh:
+    with io.StringIO(read_utf8(path), newline="") as fh:
         reader = csv.DictReader(fh)
         return list(reader.fieldnames or []), list(reader)
 
@@ -316,6 +360,9 @@ def _parse_msrvtt_csv(path, *, dataset, split, problems, **_) -> Iterator[Query]
     for i, row in enumerate(rows):
         if not row.get("video_id") or row.get(text_key) is None:
             problems(f"{path}:{i + 2}: empty video_id or sentence")
+            continue
+        if bad := _id_problem(row["video_id"]):
+            problems(f"{path}:{i + 2}: {bad}")
             continue
         yield Query(dataset, split, row["video_id"], None, (), row[text_key], row["key"])
 
@@ -341,6 +388,9 @@ def _parse_msrvtt_json(path, *, dataset, split, durations, problems, **_) -> Ite
         if not isinstance(s, dict) or "video_id" not in s or "caption" not in s:
             problems(f"{path}: key 'sentences[{i}]': expected {{video_id, caption, ...}}")
             continue
+        if bad := _id_problem(s["video_id"]):
+            problems(f"{path}: key 'sentences[{i}]': {bad}")
+            continue
         if s["video_id"] in videos:
             yield Query(dataset, split, s["video_id"], None, (), s["caption"], s.get("sen_id", i))
 
@@ -350,6 +400,9 @@ def _parse_video_captions(path, *, dataset, split, problems, **_) -> Iterator[Qu
     if not isinstance(data, dict):
         raise AnnotationError(f"{path}: expected a JSON object {{video id: caption}}")
     for i, (vid, caption) in enumerate(data.items()):
+        if bad := _id_problem(vid):
+            problems(f"{path}: key '{vid}': {bad}")
+            continue
         if not isinstance(caption, str):
             problems(f"{path}: key '{vid}': expected a caption string")
             continue

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.atomic import write_bytes
+from pipeline.core.errors import VmrError
 from pipeline.nets.clip import bpe_tokenizer
 
 PAD, UNK = "<PAD>", "<UNK>"
@@ -112,7 +113,7 @@ def format_glove_counts(counts: Counter) -> str:
 # -- GloVe vectors ----------------------------------------------------------------------------
 
 
-class GloveError(ValueError):
+class GloveError(VmrError, ValueError):
     """A malformed GloVe text file (names file and line)."""
 
 
@@ -182,7 +183,7 @@ def write_glove_pkl(path: str | os.PathLike, obj: Mapping[str, Any]) -> None:
     write_bytes(path, dumps_glove_pkl(obj))
 
 
-class GlovePickleError(pickle.UnpicklingError):
+class GlovePickleError(VmrError, pickle.UnpicklingError):
     """glove.pkl holds something other than the CPL structure (or code to run)."""
 
 

@@ -8,6 +8,8 @@ import io
 import random
 import re
 import shutil
+import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,34 @@ CHECKPOINT_RE = re.compile(r"epoch_(\d+)\.pt$")
 
 def save_torch(obj: Any, path: Path) -> None:
     """torch.save, atomically and byte-reproducibly: saving to a file names the zip's inner folder
-    after the (here random, temporary) file name, so serialise in memory first."""
+    after the (here random, temporary) file name, so serialise in memory first; and the object is
+    `canonical`, so that its bytes do not depend on where its parts came from."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(canonical(obj), buf)
     write_bytes(path, buf.getvalue())
+
+
+def canonical(obj: Any) -> Any:
+    """`obj` with fresh dicts, lists and tuples and interned strings.
+
+    Pickle writes an object seen before as a reference (its memo), so the bytes depend on which
+    equal parts are the same object. A run resumed from a checkpoint holds loaded copies where an
+    uninterrupted run shares objects (an optimizer's `betas` tuple, history keys), and would save
+    other bytes for equal contents. Rebuilding every container and interning every string makes
+    sharing a function of the contents. Tensors are left as they are (torch stores them by storage).
+    """
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if type(obj) in (dict, OrderedDict):  # state dicts are OrderedDicts with a `_metadata` attribute
+        out = type(obj)((canonical(k), canonical(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = canonical(obj._metadata)
+        return out
+    if isinstance(obj, list):
+        return [canonical(v) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):  # named tuples keep their class
+        return tuple(canonical(v) for v in obj)
+    return obj
 
 
 def load_torch(path: Path) -> Any:

@@ -38,11 +38,13 @@ DATASETS holds each dataset's format, thresholds, NMS and length buckets.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from pipeline.core.errors import VmrError
 from pipeline.text.annotations import load_split
 
 # θ per dataset convention (MMN / MRNet notes; CNM reports mIoU besides).
@@ -495,6 +497,11 @@ DATASETS: dict[str, dict[str, Any]] = {
 
 
 def read_jsonl(path) -> list[dict[str, Any]]:
+    return [row for _, row in read_jsonl_lines(path)]
+
+
+def read_jsonl_lines(path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-empty line."""
     import json
 
     rows = []
@@ -502,10 +509,40 @@ def read_jsonl(path) -> list[dict[str, Any]]:
         for lineno, line in enumerate(fh, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((lineno, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
+                    raise PredictionsError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
     return rows
+
+
+class PredictionsError(VmrError, ValueError):
+    """A malformed predictions file: the message names the file, the line and the qid."""
+
+
+def check_moment_predictions(rows: Sequence[tuple[int, Mapping[str, Any]]], path) -> None:
+    """Every line has a qid seen once and a non-empty list of finite [start, end, score] windows
+    with start <= end: anything else would shift the metrics silently or crash the evaluator."""
+    seen: dict[Any, int] = {}
+    for lineno, row in rows:
+        where = f"{path}:{lineno}"
+        if not isinstance(row, Mapping) or "qid" not in row:
+            raise PredictionsError(f"{where}: expected an object with 'qid' and 'pred_relevant_windows'")
+        qid = row["qid"]
+        where += f" (qid {qid})"
+        if qid in seen:
+            raise PredictionsError(f"{where}: qid repeated (first on line {seen[qid]})")
+        seen[qid] = lineno
+        windows = row.get("pred_relevant_windows")
+        if not isinstance(windows, list) or not windows:
+            raise PredictionsError(f"{where}: 'pred_relevant_windows' must be a non-empty list of [start, end, score]")
+        for i, w in enumerate(windows):
+            if not (isinstance(w, list) and len(w) == 3
+                    and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w)):
+                raise PredictionsError(f"{where}: window {i} {w!r} is not [start, end, score]")
+            if not all(math.isfinite(x) for x in w):
+                raise PredictionsError(f"{where}: window {i} {w!r} has a value that is not finite")
+            if w[0] > w[1]:
+                raise PredictionsError(f"{where}: window {i} {w!r} ends before it starts")
 
 
 def _ground_truth(annotations, dataset: str, split: str, fmt: str, durations, cleaning: str) -> list[dict[str, Any]]:
@@ -569,10 +606,17 @@ def score_file(
     conv = DATASETS[dataset]
     if conv.get("retrieval"):
         return evaluate_retrieval(_similarity_file(predictions_path))
-    preds = read_jsonl(predictions_path)
-    if not preds or "pred_relevant_windows" not in preds[0]:
-        raise ValueError(f"{predictions_path}: expected Moment-DETR jsonl lines with 'pred_relevant_windows'")
+    rows = read_jsonl_lines(predictions_path)
+    if not rows:
+        raise PredictionsError(f"{predictions_path}: no predictions (expected Moment-DETR jsonl lines)")
+    check_moment_predictions(rows, predictions_path)
+    preds = [row for _, row in rows]
     gt = _ground_truth(annotations_path, dataset, split, format or conv["format"], durations, cleaning)
+    known = {g["qid"] for g in gt}
+    for lineno, row in rows:
+        if row["qid"] not in known:
+            raise PredictionsError(f"{predictions_path}:{lineno} (qid {row['qid']}): no such query in "
+                                   f"{annotations_path} ({split}, cleaning {cleaning})")
     return score_moment_predictions(preds, gt, dataset, nms_threshold)
 
 

@@ -24,9 +24,9 @@ Registration and config
     @MODELS.register("mmn")
     class MMN(GroundingModel):
         class Config(TrainConfig):          # params.yaml `model.mmn`, validated (extra keys = error)
-            epochs: int = 18                # TrainConfig fields: seed, epochs, batch_size,
-            batch_size: int = 48            #   eval_batch_size, grad_clip, eval_every, eval_from,
-            lr: float = 1e-4                #   select_metric. Defaults = the model's published
+            epochs: Count = 18              # TrainConfig fields: seed, epochs, batch_size,
+            batch_size: Count = 48          #   eval_batch_size, grad_clip, eval_every, eval_from,
+            lr: Positive = 1e-4             #   select_metric. Defaults = the model's published
             ...                             #   defaults; everything else is the model's own.
 
         def __init__(self, cfg: Config, data: DataContext): ...
@@ -139,15 +139,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import h5py
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.data import default_collate as torch_default_collate
 
 from pipeline.core.atomic import atomic_path, write_text
-from pipeline.core.params import Section
+from pipeline.core.errors import VmrError
+from pipeline.core.params import Count, Positive, Section
 from pipeline.core.progress import log, track
 from pipeline.media.feature_pca import VideoPCAConfig
 from pipeline.media.sampling import SamplingProtocol
@@ -188,12 +189,12 @@ class TrainConfig(Section):
     """Fields every model Config has. Subclass it and override the defaults with the seed's."""
 
     seed: int | None = None  # None: the top-level params `seed`
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(8, ge=1)  # global, in dataset items
-    eval_batch_size: int = Field(16, ge=1)  # per rank
-    grad_clip: float | None = Field(None, gt=0)  # max global L2 grad norm; None: no clipping
-    eval_every: int = Field(1, ge=1)  # epochs between evaluations on the selection split
-    eval_from: int = Field(1, ge=1)  # first epoch evaluated (the seeds' SKIP_TEST + 1)
+    epochs: Count = 1
+    batch_size: Count = 8  # global, in dataset items
+    eval_batch_size: Count = 16  # per rank
+    grad_clip: Positive | None = None  # max global L2 grad norm; None: no clipping
+    eval_every: Count = 1  # epochs between evaluations on the selection split
+    eval_from: Count = 1  # first epoch evaluated (the seeds' SKIP_TEST + 1)
     select_metric: str = "R@1,IoU@0.5"  # key of metrics() maximised by model selection
 
 
@@ -274,6 +275,9 @@ class DataContext:
     frames_dir: Path
     run_dir: Path
     seed: int
+    # feature files every query's video must be in (the model's `needs().features`); a query whose
+    # video is missing fails up front, or is skipped and counted under `dataset.on_error: skip`
+    video_features: tuple[str, ...] = ()
 
     @property
     def splits(self) -> list[str]:
@@ -295,10 +299,36 @@ class DataContext:
 
     def queries(self, split: str) -> list:
         """The parsed, cleaned `pipeline.text.annotations.Query` records of a split (cached)."""
-        key = (self.dataset.model_dump_json(), split)
+        key = (self.dataset.model_dump_json(), split, self.features_dir, self.video_features)
         if key not in _QUERY_CACHE:
-            _QUERY_CACHE[key] = list(load_dataset_split(self.dataset, split))
+            _QUERY_CACHE[key] = self._with_features(list(load_dataset_split(self.dataset, split)), split)
         return _QUERY_CACHE[key]
+
+    def _with_features(self, queries: list, split: str) -> list:
+        for name in self.video_features:
+            path = self.feature_file(name)
+            if not path.is_file():
+                continue  # the stage's input check names the missing file
+            with h5py.File(path, "r") as f:
+                present = set(f.keys())
+            missing = sorted({q.video_id for q in queries} - present)
+            if not missing:
+                continue
+            where = f"split '{split}' ({self.dataset.splits[split]})"
+            if self.dataset.on_error != "skip":
+                raise MissingVideoError(
+                    f"{where}: {len(missing)} video(s) have no features in {path}, e.g. '{missing[0]}' "
+                    "(decode failed for them, or the annotation names another video set); "
+                    "set dataset.on_error: skip to leave their queries out")
+            before = len(queries)
+            queries = [q for q in queries if q.video_id in present]
+            log(f"WARNING: {where}: skipped {before - len(queries)} queries of {len(missing)} video(s) "
+                f"without features in {path} (dataset.on_error: skip), e.g. '{missing[0]}'")
+        return queries
+
+
+class MissingVideoError(VmrError):
+    """An annotation names a video that a feature file the model reads does not hold."""
 
 
 class VmrModel(nn.Module):
@@ -617,9 +647,14 @@ def _train_epoch(run: _Run, train_set: Dataset, epoch: int, step: int) -> tuple[
         stepper.local_n, stepper.global_n = local_n, global_n
         ctx = StepContext(epoch=epoch, step=step, world_size=env.world_size, optimizer_step=stepper.manual)
         with _autocast(env.device, run.amp, run.amp_dtype):
-            losses = model.training_step(move_to(batch, env.device), ctx)
+            try:
+                losses = model.training_step(move_to(batch, env.device), ctx)
+            except RuntimeError:  # e.g. BCE refusing NaN probabilities: say so if the weights diverged
+                _check_finite_parameters(run.name, model, epoch, step, limit=EXPLODED)
+                raise
         if "loss" not in losses:
             raise KeyError(f"{type(model).__name__}.training_step must return a dict with 'loss'")
+        _check_finite_losses(run.name, losses, epoch, step)
         if not model.manual_optimization:
             stepper.automatic(losses["loss"])
         stepper.end_batch()
@@ -628,10 +663,38 @@ def _train_epoch(run: _Run, train_set: Dataset, epoch: int, step: int) -> tuple[
         count += local_n
         step += 1
     stepper.end_epoch()
+    _check_finite_parameters(run.name, model, epoch)
     logs = {f"train/{k}": v for k, v in all_reduce_means(sums, count, env).items()}
     for i, opt in enumerate(run.optim.optimizers):
         logs[f"train/lr{i if i else ''}"] = opt.param_groups[0]["lr"]
     return logs, step
+
+
+class TrainingDiverged(VmrError):
+    """A loss or a parameter stopped being finite: training stops before anything is saved."""
+
+
+def _check_finite_losses(name: str, losses: dict[str, Any], epoch: int, step: int) -> None:
+    bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(torch.as_tensor(v).detach()).all()}
+    if bad:
+        raise TrainingDiverged(f"{name}: training diverged: loss {bad} is not finite at epoch {epoch}, step {step + 1}; "
+                               "stopped without saving this epoch (lower the learning rate or check the inputs)")
+
+
+# A weight this large has diverged (float32 activations overflow long before): used only to explain an
+# error raised inside a training step, e.g. a loss refusing the NaNs such weights produce.
+EXPLODED = 1e15
+
+
+def _check_finite_parameters(name: str, model: torch.nn.Module, epoch: int, step: int | None = None,
+                             limit: float = math.inf) -> None:
+    bad = [n for n, p in model.named_parameters()
+           if not torch.isfinite(p.detach()).all() or (p.numel() and p.detach().abs().max() > limit)]
+    if bad:
+        when = f"at epoch {epoch}, step {step + 1}" if step is not None else f"after epoch {epoch}"
+        raise TrainingDiverged(f"{name}: training diverged: parameters {bad[:3]}{' ...' if len(bad) > 3 else ''} "
+                               f"are not finite{'' if limit == math.inf else f' or exceed {limit:g}'} {when}; "
+                               "stopped without saving (lower the learning rate)")
 
 
 def _evaluation_due(cfg: TrainConfig, epoch: int) -> bool:

@@ -69,3 +69,31 @@ def test_models_that_read_frames_make_decode_keep_them(tmp_path):
     dag = generated(params, ["model.glscl.input=frames"])["stages"]
     assert "model.glscl" in dag["decode"]["params"] and "models/glscl" in " ".join(dag["decode"]["deps"])
     assert "work/frames" in dag["train-glscl"]["deps"] and "features/clip.h5" not in dag["train-glscl"]["deps"]
+
+
+def test_null_optional_inputs_drop_out_and_dvc_reads_the_dag(tmp_path):
+    """`vocab.glove_file: null` and `dataset.video_captions: null` once crashed `dvc status` with an
+    AssertionError inside DVC (a null dependency path); they must simply not be dependencies."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    raw = read_yaml(PARAMS)
+    raw["vocab"]["glove_file"] = None
+    raw["dataset"]["video_captions"] = None
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["dag", "--params", str(params_path), "--out", str(tmp_path / "dvc.yaml")])
+    assert result.exit_code == 0, result.output
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    deps = [d for s in stages.values() for d in s["deps"]]
+    assert all(d not in (None, "None", "null") for d in deps)
+    assert not any("glove.synthetic" in d or "video_captions" in d for d in deps)
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
+    assert dvc, "dvc is a dependency of the project (pyproject.toml)"
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True)
+    status = subprocess.run([dvc, "status"], cwd=tmp_path, capture_output=True, text=True)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "unexpected error" not in status.stdout + status.stderr

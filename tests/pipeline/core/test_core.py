@@ -85,3 +85,15 @@ def test_tree_digest_ignores_its_own_record(tmp_path):
     assert provenance.sha256_tree(tmp_path) == before
     (tmp_path / "b.txt").write_text("b")
     assert provenance.sha256_tree(tmp_path) != before
+
+
+def test_atomic_write_of_a_name_near_the_limit(tmp_path):
+    # 250 bytes + ".json" is a legal name; its temporary (".tmp-<name>.<random>") once was not
+    target = tmp_path / ("é" * 125 + ".json")  # 2 bytes each: cut must not split a character
+    atomic.write_json(target, {"ok": True})
+    assert json.loads(target.read_text()) == {"ok": True}
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    leftover = tmp_path / (atomic.temporary_prefix(target.name) + "abcdefgh")
+    leftover.write_text("half")
+    atomic.remove_own_temporaries(target)
+    assert not leftover.exists() and target.exists()

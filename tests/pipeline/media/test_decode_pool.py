@@ -46,3 +46,11 @@ def test_failure_reasons():
         "expected": ("failed", "no video stream\nsecond line kept"),
         "other": ("failed", "ValueError: bad value"),
     }
+
+
+def test_failure_reasons_carry_no_wall_clock_time():
+    from pipeline.media.decode_pool import first_line
+
+    # decord's (dmlc-core's) messages start with the time of day: failures.json would change every run
+    e = RuntimeError("[18:40:07] /github/workspace/src/video/video_reader.cc:151: Error reading\nmore context")
+    assert first_line(e) == "/github/workspace/src/video/video_reader.cc:151: Error reading"
