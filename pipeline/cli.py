@@ -61,7 +61,7 @@ SetOpt = Annotated[
 ]
 ProfileOpt = Annotated[
     list[Path] | None,
-    typer.Option("--profile", help="partial params file merged over --params; repeatable."),
+    typer.Option("--profile", help="params file merged over --params (a model section in it replaces that model's whole section); repeatable."),
 ]
 
 

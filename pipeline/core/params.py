@@ -237,11 +237,18 @@ def load_params(
 ) -> Params:
     """Load, overlay profiles and `key=value` overrides, and validate everything before any work.
 
+    A profile deep-merges into the params, except that a model's section in a profile replaces that
+    model's section whole: a published configuration is the profile's section plus the model's own
+    defaults, never with the synthetic default's values for the keys it does not spell out.
     `registries` (e.g. EXTRACTORS, MODELS) validate the names they own and their config sections."""
     source = str(path)
     data = read_yaml(path)
     for prof in profiles or []:
-        data = deep_merge(data, read_yaml(prof))
+        overlay = read_yaml(prof)
+        data = deep_merge(data, overlay)
+        models = overlay.get("model")
+        for name, section in (models.items() if isinstance(models, dict) else ()):
+            data["model"][name] = copy.deepcopy(section)
         source += f" + {prof}"
     for ov in overrides or []:
         keys, value = parse_override(ov)

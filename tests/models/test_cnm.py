@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import yaml
+from support.profiles import effective  # noqa: E402
 
 from models.cnm import (
     CNM,
@@ -318,8 +318,7 @@ OFFICIAL = {
 
 @pytest.mark.parametrize("profile", sorted(OFFICIAL))
 def test_parameter_count_equals_the_official_model(profile):
-    overlay = yaml.safe_load((REPO / "profiles" / profile).read_text())
-    cfg = CNMConfig.model_validate(overlay["model"]["cnm"])
+    cfg, _ = effective(profile, "cnm")  # what `vmr train --profile` builds
     frame_dim, num_classes, count = OFFICIAL[profile]
     assert cfg.vocab_size + 1 == num_classes
     model = CNM(cfg, frame_dim=frame_dim, num_classes=num_classes)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support.profiles import effective  # noqa: E402
 
 from models.glscl import GLSCL
 from models.glscl.data import (
@@ -578,10 +579,20 @@ def test_profiles_validate(name):
     import yaml
 
     profile = yaml.safe_load((Path(__file__).resolve().parents[2] / "profiles" / name).read_text())
-    cfg = GLSCL.Config.model_validate(profile["model"]["glscl"])
+    cfg, _ = effective(name, "glscl")  # what `vmr train --profile` builds
     assert profile["models"] == ["glscl"]
     if name == "glscl_msrvtt.yaml":  # the published run: everything at the released values
         assert (cfg.batch_size, cfg.epochs, cfg.lr, cfg.coef_lr, cfg.temperature, cfg.num_queries) == (128, 5, 1e-4, 1e-3, 3.0, 8)
         assert cfg.input == "frames" and cfg.source == "msrvtt" and cfg.weights_sha256
         assert (cfg.gim_mask, cfg.decoder_memory_mask, cfg.icl_normalizer, cfg.query_init) == (
             "after_softmax", False, "num_queries", "uniform")
+
+
+def test_published_msrvtt_config_has_the_official_parameter_count():
+    """`vmr train --model glscl --profile profiles/glscl_msrvtt.yaml` builds the released model:
+    189,158,657 parameters (CLIP ViT-B/32 both towers + temporal module + GLSCL heads)."""
+    cfg, _ = effective("glscl_msrvtt.yaml", "glscl")
+    cfg = cfg.model_copy(update={"weights": None, "weights_sha256": None})  # shapes only, no file
+    with torch.device("meta"):
+        model = GLSCL(cfg)
+    assert sum(p.numel() for p in model.parameters()) == 189_158_657

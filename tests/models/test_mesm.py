@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import yaml
+from support.profiles import effective  # noqa: E402
 from torch import nn
 
 from models.mesm import (
@@ -365,8 +365,7 @@ class _NoText(nn.Module):
 @pytest.mark.parametrize("profile", sorted(OFFICIAL_COUNTS))
 def test_parameter_count_equals_official(profile):
     total, trainable, vid_dim, txt_dim = OFFICIAL_COUNTS[profile]
-    overlay = yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text())["model"]["mesm"]
-    cfg = MESM.Config(**overlay)
+    cfg, _ = effective(f"{profile}.yaml", "mesm")  # what `vmr train --profile` builds
     num_classes = cfg.vocab_size + (3 if cfg.text_encoder == "clip" else 1)
     net = MESMNet(_NoText(), vid_dim, txt_dim, num_classes, hidden_dim=cfg.hidden_dim, nheads=cfg.nheads,
                   dim_feedforward=cfg.dim_feedforward, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,

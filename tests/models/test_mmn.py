@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.profiles import effective  # noqa: E402
 from support.toy import toy_context  # noqa: E402
 
-from models import MODELS  # noqa: E402
 from models.common import (  # noqa: E402
     SparseMaxPool,
     fuse_scores,
@@ -23,7 +23,6 @@ from models.common import (  # noqa: E402
     sparse_proposal_mask,
 )
 from models.mmn import MMN, collate_videos  # noqa: E402
-from pipeline.core.params import load_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILES = {name: REPO / "profiles" / f"mmn_{name}.yaml" for name in
@@ -46,7 +45,7 @@ def toy(tmp_path_factory):
 
 
 def published(name: str) -> MMN.Config:
-    cfg = MODELS.config(load_params(REPO / "params.yaml", [], [PROFILES[name]]), "mmn")
+    cfg, _ = effective(PROFILES[name].name, "mmn")  # what `vmr train --profile` builds
     return cfg.model_copy(update={"features": ["toy"]})  # the toy file stands in; input_size is explicit
 
 

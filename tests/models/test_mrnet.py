@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from support.profiles import effective  # noqa: E402
 
 from models.mrnet import (
     MaskableRetention,
@@ -270,13 +271,11 @@ def test_sparsity_term_counted_twice_flag():
     ("mrnet_activitynet.yaml", 77.55), ("mrnet_charades.yaml", 119.11), ("mrnet_tacos.yaml", 18.44),
 ])
 def test_parameter_count_of_published_configs(profile, millions, tmp_path):
-    import yaml
-
-    cfg = yaml.safe_load((Path(__file__).parents[2] / "profiles" / profile).read_text())["model"]["mrnet"]
+    cfg, _ = effective(profile, "mrnet")  # what `vmr train --profile` builds
     data = DataContext(dataset=None, features_dir=tmp_path, vocab_dir=tmp_path, frames_dir=tmp_path,
                        run_dir=tmp_path, seed=0)
     with torch.device("meta"):  # shapes only: no memory, no init time
-        model = MRNet(MRNet.Config(**cfg), data)
+        model = MRNet(cfg, data)
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.005)
 
 
