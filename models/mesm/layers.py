@@ -93,12 +93,19 @@ class CrossAttentionLayer(nn.Module):
 
     x = q + drop(attn(q + pos_q, kv + pos_kv, kv)); x = x + drop(FFN(LN1(x))); LN2(x).
     With `two_mlp` (TACoS, share_MLP=false) the masked-word pass uses its own FFN and norms.
-    MESM also passes an attn_mask blocking (padded query x padded key) pairs; the key padding mask
-    already blocks every padded key, so that mask changes nothing and is omitted here.
+
+    MESM also passes an `attn_mask` blocking (padded query x padded key) pairs, built per sample and
+    expanded to the heads with `.repeat(nhead, 1, 1)`: head-major, while PyTorch reads the (B * nhead)
+    rows batch-major, so row b * nhead + h gets the mask of sample (b * nhead + h) mod B. In a batch of
+    mixed lengths a sample's heads thus see other samples' padding. The published numbers came from
+    that, so `official_mask_order` (default) reproduces it; with it off the mask is ordered correctly,
+    which changes nothing (the key padding mask already blocks every padded key) and is skipped.
     """
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, two_mlp: bool = False):
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, two_mlp: bool = False,
+                 official_mask_order: bool = True):
         super().__init__()
+        self.nhead, self.official_mask_order = nhead, official_mask_order
         self.attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.dropout1 = nn.Dropout(dropout)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout)
@@ -111,10 +118,13 @@ class CrossAttentionLayer(nn.Module):
             self.mlm_dropout2 = nn.Dropout(dropout)
         self.two_mlp = two_mlp
 
-    def forward(self, query, query_pos, kv, kv_pos, kv_pad, is_mlm: bool = False) -> Tensor:
+    def forward(self, query, query_pos, kv, kv_pos, kv_pad, query_pad=None, is_mlm: bool = False) -> Tensor:
         q = query if query_pos is None else query + query_pos
         k = kv if kv_pos is None else kv + kv_pos
-        x = query + self.dropout1(self.attn(q, k, kv, key_padding_mask=kv_pad, need_weights=False)[0])
+        mask = None
+        if self.official_mask_order and query_pad is not None:
+            mask = (query_pad.unsqueeze(2) & kv_pad.unsqueeze(1)).repeat(self.nhead, 1, 1)  # as released
+        x = query + self.dropout1(self.attn(q, k, kv, key_padding_mask=kv_pad, attn_mask=mask, need_weights=False)[0])
         if is_mlm and self.two_mlp:
             x = x + self.mlm_dropout2(self.mlm_ffn(self.mlm_norm1(x)))
             return self.mlm_norm2(x)
@@ -131,9 +141,9 @@ class CrossAttentionEncoder(nn.Module):
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
 
-    def forward(self, query, query_pos, kv, kv_pos, kv_pad, is_mlm: bool = False) -> Tensor:
+    def forward(self, query, query_pos, kv, kv_pos, kv_pad, query_pad=None, is_mlm: bool = False) -> Tensor:
         for layer in self.layers:
-            query = layer(query, query_pos, kv, kv_pos, kv_pad, is_mlm)
+            query = layer(query, query_pos, kv, kv_pos, kv_pad, query_pad, is_mlm)
         return query
 
 
@@ -286,10 +296,11 @@ class SegmentSentenceReconstructor(nn.Module):
     is the "recon" feature.
     """
 
-    def __init__(self, hidden: int, nhead: int, dim_feedforward: int, dropout: float, input_dropout: float, num_layers: int):
+    def __init__(self, hidden: int, nhead: int, dim_feedforward: int, dropout: float, input_dropout: float, num_layers: int,
+                 official_mask_order: bool = True):
         super().__init__()
         self.masked_sent_token = nn.Parameter(torch.zeros(hidden))
-        layer = CrossAttentionLayer(hidden, nhead, dim_feedforward, dropout)
+        layer = CrossAttentionLayer(hidden, nhead, dim_feedforward, dropout, official_mask_order=official_mask_order)
         self.recon = CrossAttentionEncoder(layer, num_layers, xavier=False)
         # MESM computes this projection and does not use it in the final loss ("ablation"); it is
         # kept so that the parameter set is the official one.
@@ -304,7 +315,7 @@ class SegmentSentenceReconstructor(nn.Module):
             slot[row + torch.arange(n), torch.arange(n)] = True
             row += n
         sentences = torch.where(slot.unsqueeze(-1), self.masked_sent_token.expand_as(sentences), sentences)
-        out = self.recon(sentences, None, video, None, ~video_mask)
+        out = self.recon(sentences, None, video, None, ~video_mask, ~sentences_mask)
         return F.normalize(out[slot], dim=-1)
 
 

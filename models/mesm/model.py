@@ -75,6 +75,9 @@ class MESM(GroundingModel):
         # features with statistics of the training videos, kept in the state dict. Random-init CLIP
         # features (the synthetic default) share one dominant direction (frame cosine > 0.98).
         standardize_video: bool = False
+        # the cross-attention mask's head order as released (published numbers) or corrected; see
+        # models/mesm/layers.py CrossAttentionLayer
+        official_mask_order: bool = True
         normalize_txt: bool = True
         contra_samples: int = Field(2, ge=1)
         max_gather_size: int = Field(-1, ge=-1) # TACoS: 10 queries per item
@@ -150,6 +153,7 @@ class MESM(GroundingModel):
             share_mlp=cfg.share_mlp, use_txt_pos=cfg.use_txt_pos, normalize_txt=cfg.normalize_txt,
             rec_fw=cfg.rec_fw, rec_ss=cfg.rec_ss, ss_video="group_concat" if cfg.layout == "qvhighlights" else "query",
             sentence_from_normalized_words=cfg.text_encoder == "glove_pkl",
+            official_mask_order=cfg.official_mask_order,
         )
         self.criterion = MESMCriterion(
             cost_span=cfg.set_cost_span, cost_giou=cfg.set_cost_giou, cost_class=cfg.set_cost_class,

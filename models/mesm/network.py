@@ -69,6 +69,7 @@ class MESMNet(nn.Module):
         rec_ss: bool = True,
         ss_video: Literal["query", "group_concat"] = "query",
         sentence_from_normalized_words: bool = False,
+        official_mask_order: bool = True,
     ):
         super().__init__()
         self.text_encoder = text_encoder
@@ -89,10 +90,14 @@ class MESMNet(nn.Module):
         self.txt_pos_norm = nn.LayerNorm(d)
         self.txt_pos_dropout = nn.Dropout(input_dropout)
 
+        order = official_mask_order  # see CrossAttentionLayer
         self.enhance_encoder = CrossAttentionEncoder(
-            CrossAttentionLayer(d, nheads, dim_feedforward, dropout, two_mlp=not share_mlp), num_recfw_layers
+            CrossAttentionLayer(d, nheads, dim_feedforward, dropout, two_mlp=not share_mlp, official_mask_order=order),
+            num_recfw_layers,
         )
-        self.t2v_encoder = CrossAttentionEncoder(CrossAttentionLayer(d, nheads, dim_feedforward, dropout), t2v_layers)
+        self.t2v_encoder = CrossAttentionEncoder(
+            CrossAttentionLayer(d, nheads, dim_feedforward, dropout, official_mask_order=order), t2v_layers
+        )
         self.transformer = DetrTransformer(d, nheads, enc_layers, dec_layers, dim_feedforward, dropout)
         self.global_rep_token = nn.Parameter(torch.randn(d))
         self.global_rep_pos = nn.Parameter(torch.randn(d))
@@ -111,7 +116,7 @@ class MESMNet(nn.Module):
             )
         if rec_ss:
             self.ss_reconstructor = SegmentSentenceReconstructor(
-                d, nheads, dim_feedforward, dropout, input_dropout, num_recss_layers
+                d, nheads, dim_feedforward, dropout, input_dropout, num_recss_layers, official_mask_order=order
             )
 
     def train(self, mode: bool = True):
@@ -144,8 +149,8 @@ class MESMNet(nn.Module):
     def _align_and_detect(self, video, video_mask, vid_pos, words, words_mask, expanded, expanded_mask):
         """enhance (frames<-words) -> t2v (frames<-[recon; words]) -> DETR; returns its outputs."""
         if self.rec_fw:
-            video = self.enhance_encoder(video, vid_pos, words, self.txt_positions(words), ~words_mask)
-        encoded = self.t2v_encoder(video, vid_pos, expanded, self.txt_positions(expanded), ~expanded_mask)
+            video = self.enhance_encoder(video, vid_pos, words, self.txt_positions(words), ~words_mask, ~video_mask)
+        encoded = self.t2v_encoder(video, vid_pos, expanded, self.txt_positions(expanded), ~expanded_mask, ~video_mask)
         b = video.shape[0]
         token = self.global_rep_token.expand(b, 1, -1)
         token_pos = self.global_rep_pos.expand(b, 1, -1)
@@ -241,7 +246,8 @@ class MESMNet(nn.Module):
         lengths = clip_mask.sum(1).tolist()
         frames, frames_mask = pad_groups(projed_video[clip_mask], lengths)
         frames_pos, _ = pad_groups(vid_pos[clip_mask], lengths)
-        out = self.enhance_encoder(words, self.txt_positions(words), frames, frames_pos, ~frames_mask, is_mlm=True)
+        out = self.enhance_encoder(words, self.txt_positions(words), frames, frames_pos, ~frames_mask, ~words_mask,
+                                   is_mlm=True)
         return self.output_txt_proj(out)
 
 

@@ -102,7 +102,9 @@ class DecodeParams(Section):
     timeout_s: float = Field(120.0, gt=0)  # per video; the worker is killed past it (decord deadlocks)
     recycle_after: int = Field(32, ge=1)  # videos per worker before it is replaced (decord leaks)
     max_failure_share: float = Field(0.0, ge=0, le=1)  # exit non-zero when more videos than this fail
-    backend: Literal["decord", "pyav"] = "decord"  # rotated files always go through PyAV
+    # pyav: faster and FFmpeg's own scaling (docs/features.md); decord: rotated files and decord's
+    # own failures (a hang included) go through PyAV
+    backend: Literal["decord", "pyav"] = "pyav"
 
 
 class MergeParams(Section):

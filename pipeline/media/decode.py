@@ -22,6 +22,7 @@ family) and rotated with numpy.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import re
 import shutil
@@ -164,8 +165,41 @@ def probe(path: Path) -> dict[str, Any]:
         return info
 
 
+def _frame_times(pts: list[int], durations: list[int], start: int, tb: float) -> tuple[np.ndarray, np.ndarray]:
+    """(integer pts, (N, 2) [start, stop) seconds from the stream start) in presentation order, from
+    the demuxed packets. Times come from the exact integer pts: slot boundaries must not move by
+    float32 rounding (decord's own timestamps are float32)."""
+    order = np.argsort(pts, kind="stable")
+    sorted_pts = np.asarray(pts, dtype=np.int64)[order]
+    dur = np.asarray(durations, dtype=np.float64)[order] * tb
+    starts = (sorted_pts - start) * tb
+    # a packet without a duration ends where the next frame starts (the last one: zero length)
+    next_starts = np.append(starts[1:], starts[-1:])
+    stops = np.where(dur > 0, starts + dur, next_starts)
+    return sorted_pts, np.stack([starts, stops], axis=1)
+
+
+def demux_timestamps(path: Path) -> np.ndarray:
+    """Frame times of the first video stream from its packets alone (no decoding): `_frame_times`."""
+    import av
+
+    container, stream = _open_video(path)
+    with container:
+        pts, durations = [], []
+        try:
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.size > 0:
+                    pts.append(packet.pts)
+                    durations.append(packet.duration or 0)
+        except av.error.FFmpegError as e:
+            raise DecodeError(f"PyAV cannot read packets: {first_line(e)}") from None
+        if not pts:
+            return np.zeros((0, 2))
+        return _frame_times(pts, durations, stream.start_time or 0, float(stream.time_base))[1]
+
+
 class DecordReader:
-    """Timestamps and selected frames through decord (the default backend)."""
+    """Selected frames through decord; their times from the container's exact pts (PyAV demux)."""
 
     name = "decord"
 
@@ -178,11 +212,12 @@ class DecordReader:
         except Exception as e:  # decord raises DECORDError / RuntimeError with C++ context
             raise DecodeError(f"decord cannot open: {first_line(e)}") from None
         self.num_frames = len(self.vr)
+        self._ts = demux_timestamps(path)
+        if len(self._ts) != self.num_frames:  # decord's index and the packets disagree: trust neither
+            raise DecodeError(f"decord sees {self.num_frames} frames, the container's packets {len(self._ts)}")
 
     def timestamps(self) -> np.ndarray:
-        if self.num_frames == 0:
-            return np.zeros((0, 2))
-        return np.asarray(self.vr.get_frame_timestamp(np.arange(self.num_frames)), dtype=np.float64)
+        return self._ts
 
     def frames(self, indices: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         for start in range(0, len(indices), CHUNK):
@@ -252,15 +287,8 @@ class PyAVReader:
             self._resume = (packets[fed:], first)
         else:
             self.close()
-        order = np.argsort(pts, kind="stable")
-        self._pts = np.asarray(pts, dtype=np.int64)[order]
-        dur = np.asarray(durations, dtype=np.float64)[order] * tb
-        starts = (self._pts - start) * tb
-        # a packet without a duration ends where the next frame starts (the last one: zero length)
-        next_starts = np.append(starts[1:], starts[-1:])
-        stops = np.where(dur > 0, starts + dur, next_starts)
-        self._ts = np.stack([starts, stops], axis=1)
-        self.num_frames = len(starts)
+        self._pts, self._ts = _frame_times(pts, durations, start, tb)
+        self.num_frames = len(self._ts)
 
     def timestamps(self) -> np.ndarray:
         return self._ts
@@ -408,6 +436,7 @@ class DecodeTask:
     store_root: str
     protocols: tuple  # SamplingProtocol, ...
     backend: str = "decord"  # "decord" (PyAV for rotated files) or "pyav"
+    fallback_reason: str | None = None  # why this PyAV task retries a decord one (recorded)
 
 
 def run_task(task: DecodeTask) -> str:
@@ -420,33 +449,49 @@ def run_task(task: DecodeTask) -> str:
     if is_complete(store, task.video_id, source_sha256, {p.key for p in task.protocols}):
         return "skipped"
     record = decode_video(task, source_sha256)
+    if task.fallback_reason:
+        record["fallback"] = f"pyav after decord: {task.fallback_reason}"
     write_json(store.record_path(task.video_id), record)
     return "decoded"
 
 
 def decode_video(task: DecodeTask, source_sha256: str | None = None) -> dict[str, Any]:
     """Decode one video for every protocol; returns its record (status ok). Raises DecodeError."""
+
+    path = Path(task.path)
+    if task.backend == "pyav":  # one open: facts, timestamps and frames
+        reader = PyAVReader(path)
+        return _decode_with(task, reader, reader.info, source_sha256)
+    info = probe(path)
+    if info["codec"] in UNSUPPORTED_CODECS:
+        raise DecodeError(f"unsupported codec '{info['codec']}': {UNSUPPORTED_CODECS[info['codec']]}")
+    if info["rotation"]:  # decord mis-shapes rotated videos
+        return _decode_with(task, PyAVReader(path), info, source_sha256)
+    try:
+        return _decode_with(task, DecordReader(path), info, source_sha256)
+    except DecodeError as e:  # decord's own failures: the video may still be fine for FFmpeg
+        try:
+            reader = PyAVReader(path)
+            return {**_decode_with(task, reader, reader.info, source_sha256), "fallback": f"pyav after decord: {e}"}
+        except DecodeError as pyav_error:
+            raise DecodeError(f"{pyav_error} (PyAV, after decord: {e})") from None
+
+
+def _decode_with(task: DecodeTask, reader: DecordReader | PyAVReader, info: dict[str, Any],
+                 source_sha256: str | None) -> dict[str, Any]:
+    """Select, decode, resize and write every protocol's frames with `reader`; the video's record."""
     import av.video.reformatter
 
     path = Path(task.path)
     store = FrameStore(task.store_root)
-    reader: DecordReader | PyAVReader
-    if task.backend == "pyav":  # one open: facts, timestamps and frames
-        reader = PyAVReader(path)
-        info = reader.info
-    else:
-        info = probe(path)
-        if info["codec"] in UNSUPPORTED_CODECS:
-            raise DecodeError(f"unsupported codec '{info['codec']}': {UNSUPPORTED_CODECS[info['codec']]}")
-        reader = PyAVReader(path) if info["rotation"] else DecordReader(path)
     ts = reader.timestamps()
     if len(ts) == 0:
         raise DecodeError("zero frames")
     starts = ts[:, 0] + info["start_offset"]
     stops = ts[:, 1] + info["start_offset"]
-    # FFmpeg's end time: last pts + last frame duration (1/avg fps when the file does not say)
-    last_stop = stops[-1] if stops[-1] > starts[-1] else starts[-1] + 1.0 / (info["avg_fps"] or 30.0)
-    end = float(last_stop)
+    # FFmpeg's end time: last pts + last frame's duration; FFmpeg 5.1 adds nothing when the container
+    # does not give one (mkv, webm, mpegts), while 9.0 adds 1/avg fps: vmr follows 5.1 (docs/features.md)
+    end = float(max(stops[-1], starts[-1]))
 
     selections = {}
     for proto in task.protocols:
@@ -587,25 +632,42 @@ def decode_all(
     decoded = skipped = 0
     # imported once by the fork server, not per worker: run_task's module and the decoders it uses
     preload = ("pipeline.media.decode", "av", "av.video.reformatter") + (("decord",) if backend == "decord" else ())
+    # decord can deadlock or crash in C++ (its in-process errors fall back to PyAV in the worker):
+    # such videos get one more try with PyAV, recorded in their record
+    retry: list[tuple[DecodeTask, str]] = []
     for res in run_pool(run_task, tasks, workers, timeout_s, recycle_after, preload):
         vid = res.task.video_id
         if res.status == "ok":
             decoded += res.value == "decoded"
             skipped += res.value == "skipped"
+        elif res.task.backend == "decord" and res.value.startswith(("timed out", "worker crashed")):
+            retry.append((dataclasses.replace(res.task, backend="pyav", fallback_reason=res.value), res.value))
+            continue
         else:
             failed[vid] = res.value
-            write_json(
-                store.record_path(vid),
-                {"video": vid, "file": Path(res.task.path).name, "status": "failed", "reason": res.value,
-                 "protocols": {}},
-            )
+            _write_failure(store, res.task, res.value)
         if on_result:
             on_result(vid, res.status)
+    if retry:
+        for res in run_pool(run_task, [task for task, _ in retry], workers, timeout_s, recycle_after, preload):
+            vid = res.task.video_id
+            if res.status == "ok":
+                decoded += 1
+            else:
+                failed[vid] = f"{res.value} (with PyAV, after decord: {res.task.fallback_reason})"
+                _write_failure(store, res.task, failed[vid])
+            if on_result:
+                on_result(vid, res.status)
     _prune(store, videos, keys, set(failed))
     unusable = unusable or {}
     _write_reports(store, videos, unusable)
     failed |= {Path(name).stem: reason for name, reason in unusable.items()}
     return DecodeSummary(total=len(videos) + len(unusable), decoded=decoded, skipped=skipped, failed=failed)
+
+
+def _write_failure(store: FrameStore, task: DecodeTask, reason: str) -> None:
+    write_json(store.record_path(task.video_id), {"video": task.video_id, "file": Path(task.path).name,
+                                                   "status": "failed", "reason": reason, "protocols": {}})
 
 
 def _prune(store: FrameStore, videos: dict[str, Path], keys: set[str], failed: set[str]) -> None:

@@ -28,8 +28,8 @@ class SamplingProtocol:
       extractor (QVHighlights / Charades SF+C CLIP, SlowFast at 30 fps). Output slot k holds the LAST
       frame whose time t (from the file start) has round_half_up(t * rate) <= k, i.e. t < (k+0.5)/rate:
       the middle of the window [k/rate, (k+1)/rate). Count = round_half_up(end * rate) where end is the
-      last frame's pts + duration; slots before the first frame repeat it, gaps repeat the previous
-      frame. `hero_short_video` adds HERO's special case (0 < duration < 1/rate + 0.1 ->
+      last frame's pts + duration (nothing added without one: FFmpeg 5.1); slots before the first
+      kept slot repeat its frame, gaps repeat the previous frame (`fps_filter`). `hero_short_video` adds HERO's special case (0 < duration < 1/rate + 0.1 ->
       rate = 2 / max(int(duration), 1)).
     - `uniform`: slot k holds the first frame with t >= k/rate (start of the window);
       count = ceil(end * rate).
@@ -90,19 +90,24 @@ def round_half_up(x: np.ndarray | float) -> np.ndarray:
 def fps_filter(starts: np.ndarray, end: float, rate: float) -> tuple[np.ndarray, np.ndarray]:
     """Emulate FFmpeg's `fps=rate` filter (round=near): (source index per slot, (N, 2) windows).
 
-    Slot k holds the last frame with round_half_up(t * rate) <= k, i.e. t < (k + 0.5) / rate (the middle
-    of the window [k/rate, (k+1)/rate)); slots before the first frame repeat it and gaps repeat the
-    previous frame. The number of slots is round_half_up(end * rate).
+    Times are from the file start. Slot k holds the last frame with round_half_up(t * rate) <= k, i.e.
+    t < (k + 0.5) / rate (the middle of the window [k/rate, (k+1)/rate)); gaps repeat the previous
+    frame. The number of slots is N = round_half_up(end * rate). When the video starts after the file
+    (audio first), the first slot that gets a frame is k0 = round_half_up(t0 * rate), and slots
+    0..k0-1 repeat the frame kept for k0 (not the stream's first frame); if N <= k0 nothing is kept.
+    This is FFmpeg 5.1's behaviour, checked against the binary in tests/pipeline/media/test_ffmpeg_oracle.py.
     """
     starts = np.asarray(starts, dtype=np.float64)
     if starts.size == 0:
         return np.zeros(0, np.int64), np.zeros((0, 2))
     count = int(round_half_up(_scaled(end, rate)))
     slot_of_frame = round_half_up(_scaled(starts, rate))  # the first slot each frame may fill
-    slots = np.arange(count)
+    first_slot = int(slot_of_frame[0])
+    if count <= first_slot:
+        return np.zeros(0, np.int64), np.zeros((0, 2))
     # last frame whose slot_of_frame <= k (frames are in presentation order, so this is sorted)
-    idx = np.searchsorted(slot_of_frame, slots, side="right") - 1
-    idx = np.clip(idx, 0, starts.size - 1)
+    idx = np.searchsorted(slot_of_frame, np.arange(count), side="right") - 1
+    idx[:first_slot] = idx[first_slot]
     return idx.astype(np.int64), _slot_windows(count, rate)
 
 

@@ -573,3 +573,34 @@ def test_clip_len_is_checked_against_the_feature_rows(charades_world):
         MESM(tiny_config(clip_len=1.0), data)
     with pytest.raises(ValueError, match="clip_len"):
         tiny_config(clip_len=0)
+
+
+# -- the released cross-attention mask ------------------------------------------------------------
+
+
+def test_cross_attention_mask_order_as_released_and_corrected():
+    """MESM's T2V layers pass attn_mask = (padded query x padded key).repeat(nhead, 1, 1): head-major,
+    read by PyTorch batch-major, so on a batch of mixed lengths sample b's head h gets the mask of
+    sample (b * nhead + h) % B. The default reproduces that; the corrected order equals no mask."""
+    from models.mesm.layers import CrossAttentionLayer
+
+    torch.manual_seed(0)
+    b, lq, lk, d, heads = 3, 5, 4, 16, 4
+    released = CrossAttentionLayer(d, heads, 32, dropout=0.0, official_mask_order=True).eval()
+    corrected = CrossAttentionLayer(d, heads, 32, dropout=0.0, official_mask_order=False).eval()
+    corrected.load_state_dict(released.state_dict())
+    query, kv = torch.randn(b, lq, d), torch.randn(b, lk, d)
+    query_pad = torch.arange(lq)[None] >= torch.tensor([5, 2, 3])[:, None]  # mixed lengths
+    kv_pad = torch.arange(lk)[None] >= torch.tensor([4, 1, 2])[:, None]
+    with torch.no_grad():
+        ours = released(query, None, kv, None, kv_pad, query_pad)
+        fixed = corrected(query, None, kv, None, kv_pad, query_pad)
+        # the attention as the released layer calls it, on the same weights
+        pair = query_pad.unsqueeze(2) & kv_pad.unsqueeze(1)
+        def reference(mask):
+            x = query + released.attn(query, kv, kv, key_padding_mask=kv_pad, attn_mask=mask, need_weights=False)[0]
+            return released.norm2(x + released.ffn(released.norm1(x)))
+        assert torch.allclose(ours, reference(pair.repeat(heads, 1, 1)), atol=1e-6)
+        assert torch.allclose(fixed, reference(pair.repeat_interleave(heads, dim=0)), atol=1e-6)
+        assert torch.allclose(fixed, reference(None), atol=1e-6)  # ordered correctly it changes nothing
+        assert not torch.allclose(ours, fixed, atol=1e-4)  # as released, it does on mixed lengths

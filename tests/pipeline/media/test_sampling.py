@@ -40,10 +40,19 @@ def test_frame_exactly_on_the_half_boundary_goes_to_the_next_slot():
     assert fps_filter(starts, 2.0, 1.0)[0].tolist() == [1, 3]
 
 
-def test_slots_before_the_first_frame_repeat_it_and_gaps_repeat_the_previous():
+def test_slots_before_the_first_kept_slot_repeat_its_frame_and_gaps_repeat_the_previous():
+    # FFmpeg's rule (checked against the binary in test_ffmpeg_oracle.py): the first slot with a
+    # frame is k0 = round(1.2) = 1, it keeps the last frame with t < 1.5 (frame 1), and slot 0
+    # repeats that frame, not the stream's first one
     starts = np.array([1.2, 1.3, 4.0])  # video starts 1.2 s after the file; a 2.7 s hole
     idx, _ = fps_filter(starts, 4.1, 1.0)  # round(4.1) = 4 slots: t < 0.5, 1.5, 2.5, 3.5
-    assert idx.tolist() == [0, 1, 1, 1]
+    assert idx.tolist() == [1, 1, 1, 1]
+
+
+def test_nothing_is_kept_when_the_video_starts_after_the_last_slot():
+    starts = np.array([2.6, 2.7])  # k0 = round(2.6) = 3, but only round(2.8) = 3 slots: 0, 1, 2
+    idx, windows = fps_filter(starts, 2.8, 1.0)
+    assert idx.size == 0 and windows.shape == (0, 2)
 
 
 def test_count_follows_the_end_time():
