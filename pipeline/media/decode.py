@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.atomic import atomic_path, remove_stale_temporaries, write_json
+from pipeline.core.codedeps import import_closure
+from pipeline.core.provenance import code_version
 from pipeline.media.decode_pool import TaskError, first_line, run_pool
 from pipeline.media.framestore import FAILURES, MANIFEST, RECORDS_DIR, FrameStore
 from pipeline.media.sampling import select
@@ -437,6 +439,7 @@ class DecodeTask:
     protocols: tuple  # SamplingProtocol, ...
     backend: str = "decord"  # "decord" (PyAV for rotated files) or "pyav"
     fallback_reason: str | None = None  # why this PyAV task retries a decord one (recorded)
+    code: str | None = None  # `decoder_code()`, recorded: a record of other code is not resumed
 
 
 def run_task(task: DecodeTask) -> str:
@@ -446,9 +449,9 @@ def run_task(task: DecodeTask) -> str:
     never keeps a worker waiting."""
     store = FrameStore(task.store_root)
     source_sha256 = sha256_of(Path(task.path))
-    if is_complete(store, task.video_id, source_sha256, {p.key for p in task.protocols}):
+    if is_complete(store, task.video_id, source_sha256, {p.key for p in task.protocols}, task.code):
         return "skipped"
-    record = decode_video(task, source_sha256)
+    record = {**decode_video(task, source_sha256), "code": task.code}
     if task.fallback_reason:
         record["fallback"] = f"pyav after decord: {task.fallback_reason}"
     write_json(store.record_path(task.video_id), record)
@@ -599,13 +602,22 @@ class DecodeSummary:
         return len(self.failed) / self.total if self.total else 0.0
 
 
-def is_complete(store: FrameStore, video_id: str, source_sha256: str, keys: set[str]) -> bool:
-    """A finished video: record ok, same source bytes, and frames for every requested protocol."""
+def decoder_code() -> str:
+    """Digest of the code that selects, decodes and writes a video's frames. A video decoded by
+    other code is decoded again: DVC re-runs decode when its code changes, and the frame store it
+    keeps between runs (persist) must not answer with frames of the old rules."""
+    return code_version(import_closure(["pipeline.media.decode"]))
+
+
+def is_complete(store: FrameStore, video_id: str, source_sha256: str, keys: set[str], code: str | None = None) -> bool:
+    """A finished video: record ok, same source bytes, same decoder code, and frames for every
+    requested protocol."""
     rec = store.read_record(video_id)
     return (
         rec is not None
         and rec.get("status") == "ok"
         and rec.get("sha256") == source_sha256
+        and rec.get("code") == code
         and keys <= set(rec.get("protocols", {}))
         and all(store.frames_path(k, video_id).is_file() for k in keys)
     )
@@ -627,7 +639,9 @@ def decode_all(
     store = FrameStore(store_root)
     protocols = list({p.key: p for p in protocols}.values())  # equal protocols share frames
     keys = {p.key for p in protocols}
-    tasks = [DecodeTask(vid, str(path), str(store_root), tuple(protocols), backend) for vid, path in videos.items()]
+    code = decoder_code()
+    tasks = [DecodeTask(vid, str(path), str(store_root), tuple(protocols), backend, code=code)
+             for vid, path in videos.items()]
     failed: dict[str, str] = {}
     decoded = skipped = 0
     # imported once by the fork server, not per worker: run_task's module and the decoders it uses

@@ -9,8 +9,9 @@ keep their files. Output files per video (in `out_dir`):
 
     <vid>.npy    float32 (T, D)
     <vid>.json   {"video", "feature", "dim", "units", "windows": [[start, end], ...] seconds,
-                  "source_sha256", "extractor": digest of (protocol, config, weights)}; written last,
-                  it marks the video as done.
+                  "frames": the source's sha256 + the decoder code that selected its frames,
+                  "extractor": digest of (protocol, config, weights, code)}; written last, it marks
+                  the video as done (resumed only when both still match).
 
 Sharding: `shard_of` splits the sorted id list into n contiguous, disjoint parts; shards write
 disjoint files into the same directory and the merge reads them as one.
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 from pipeline.core.atomic import remove_own_temporaries, write_json, write_npy
+from pipeline.core.codedeps import import_closure, module_file
+from pipeline.core.provenance import code_version
 from pipeline.media.framestore import FrameStore
 from pipeline.media.sampling import VideoInfo
 
@@ -64,8 +67,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def extractor_digest(description: dict, weights: str) -> str:
-    blob = json.dumps({"extractor": description, "weights": weights}, sort_keys=True)
+def extractor_digest(description: dict, weights: str, code: str = "") -> str:
+    """What makes a video's features: the extractor's description, its weights and its code."""
+    blob = json.dumps({"extractor": description, "weights": weights, "code": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -135,7 +139,7 @@ def split_by_shape(batch: list[Piece], unit_shapes: list[list[tuple]]) -> list[l
 class _Video:
     vid: str
     done: bool  # finished by an earlier run: its units run again only to fill a batch of other videos
-    source_sha256: str | None
+    source_sha256: str | None  # the frames' identity (see the module docstring)
     unit_count: int | None  # known for finished videos (from the sidecar), else once loaded
     data: tuple | None = None  # (units, windows) from extractor.group, while needed
     rows: list = field(default_factory=list)  # feature rows computed so far (unfinished videos)
@@ -214,17 +218,22 @@ def extract_videos(
     if all_video_ids is not None:
         _prune(out_dir, set(all_video_ids))
     key = extractor.protocol().key
-    digest = extractor_digest(extractor.describe(), weights)
+    # its code too: DVC re-runs extract when the code changes, and a kept (persist) output of the
+    # old code must not be resumed as done
+    module = type(extractor).__module__
+    code = code_version(import_closure([module])) if module_file(module) else ""  # "": not the project's
+    digest = extractor_digest(extractor.describe(), weights, code)
 
     videos: list[_Video] = []
     for vid in video_ids:
         record = store.read_record(vid)
-        source = record["sha256"] if record else None
+        # the frames' identity: the source bytes and the decoder code that selected them
+        source = f"{record['sha256']}+{record.get('code')}" if record else None
         side = _read_sidecar(out_dir / f"{vid}.json")
         done = (
             side is not None
             and side.get("extractor") == digest
-            and side.get("source_sha256") == source
+            and side.get("frames") == source
             and (out_dir / f"{vid}.npy").is_file()
         )
         videos.append(_Video(vid, done, source, side["units"] if done else None))
@@ -284,7 +293,7 @@ def _write_video(out_dir: Path, extractor, digest: str, v: _Video) -> None:
             "dim": extractor.dim,
             "units": int(len(units)),
             "windows": np.round(windows, 6).tolist(),
-            "source_sha256": v.source_sha256,
+            "frames": v.source_sha256,
             "extractor": digest,
         },
     )

@@ -359,3 +359,21 @@ def test_pyav_backend_reports_bad_inputs_from_its_single_open(tmp_path, vdir):
     assert summary.failed["empty"].startswith("zero frames")
     assert summary.failed["garbage"].startswith("unreadable container")
     assert summary.failed["truncated"].startswith("unreadable container")
+
+
+def test_a_video_decoded_by_other_code_is_decoded_again(tmp_path, vdir):
+    """The frame store persists between DVC runs: a record of other decoder code (other selection
+    rules) must not be resumed as done, or the lineage would name code that did not make the frames."""
+    import json
+
+    write_video(vdir / "a.mp4", frames=45)
+    write_video(vdir / "b.mp4", frames=45)
+    proto = SamplingProtocol(rule="fps_filter", rate=1.0, **SMALL)
+    first, store = decode(tmp_path, [proto])
+    assert first.decoded == 2 and store.read_record("a")["code"].startswith("vmr-")
+    again, _ = decode(tmp_path, [proto])
+    assert (again.decoded, again.skipped) == (0, 2)  # resumed: same bytes, same code
+    record = store.record_path("a")
+    record.write_text(json.dumps({**json.loads(record.read_text()), "code": "vmr-0+code.older"}))
+    redo, _ = decode(tmp_path, [proto])
+    assert (redo.decoded, redo.skipped) == (1, 1)

@@ -119,6 +119,19 @@ def test_resume_is_byte_identical(store, tmp_path):
     assert tree(out) == tree(tmp_path / "clean")
 
 
+def test_frames_of_other_decoder_code_are_extracted_again(store, tmp_path):
+    """Re-decoded frames (other decoder code, same source bytes) must not resume old features."""
+    run(store, tmp_path / "out")
+    record = store.record_path("v2")
+    saved = record.read_text()
+    try:
+        record.write_text(json.dumps({**json.loads(saved), "code": "vmr-0+code.newer"}))
+        summary = run(store, tmp_path / "out")
+    finally:
+        record.write_text(saved)
+    assert (summary.computed, summary.skipped) == (1, 4)
+
+
 def test_changed_config_recomputes(store, tmp_path):
     run(store, tmp_path / "out")
     summary = run(store, tmp_path / "out", extractor=Tiny(ExtractorConfig(batch_size=3, seed=1)))
