@@ -11,6 +11,7 @@ from pipeline.core.codedeps import stage_code
 from pipeline.core.errors import VmrError
 from pipeline.core.params import Params, require_files, subset
 from pipeline.core.progress import log
+from pipeline.training.checkpoints import unfinished_reason
 from pipeline.training.trainer import (
     configure_determinism,
     load_for_evaluation,
@@ -22,16 +23,6 @@ from stages.train import check_inputs, data_context
 
 class UnfinishedTraining(VmrError):
     """best.pt is from a training run that did not finish."""
-
-
-def unfinished_reason(best: Path) -> str | None:
-    """Why `best` is not the result of a finished training run, or None if it is (see stages/train.py)."""
-    record = provenance.read_record(best)
-    if record is None or "best_sha256" not in record:
-        return f"{best} has no training record: its run did not finish"
-    if record["best_sha256"] != provenance.sha256_file(best):
-        return f"{best} was rewritten after its training record: a later run did not finish"
-    return None
 
 
 def run(params: Params, source: str, model: str, allow_unfinished: bool = False) -> None:

@@ -9,6 +9,7 @@ from pipeline.core import provenance
 from pipeline.core.codedeps import stage_code
 from pipeline.core.params import Params, ParamsError, require_files, subset
 from pipeline.core.progress import is_rank_zero, log
+from pipeline.training.checkpoints import finished_run_fields
 from pipeline.training.trainer import DataContext, fit
 
 
@@ -83,9 +84,8 @@ def run(params: Params, source: str, model: str) -> None:
         inputs=inputs,
         weights=result.weights,
         code=code,
-        # The run is finished only when this record names the very best.pt it describes: a run killed
-        # after writing best.pt leaves a record that is absent or names other bytes (evaluate checks).
-        extra={"best_sha256": provenance.sha256_file(result.best_path), "selected_epoch": result.best_epoch,
+        # marks the run finished (pipeline.training.checkpoints.unfinished_reason, checked by evaluate)
+        extra={**finished_run_fields(result.best_path), "selected_epoch": result.best_epoch,
                "model_config": cfg.model_dump(),
                "selected_on": t.select_split, "selected_on_evaluated_split": selects_on_eval,
                "selection_metrics": result.best_metrics},

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.core.atomic import write_bytes
+from pipeline.core.provenance import read_record, sha256_file
 
 CHECKPOINT_RE = re.compile(r"epoch_(\d+)\.pt$")
 
@@ -51,6 +52,23 @@ def canonical(obj: Any) -> Any:
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):  # named tuples keep their class
         return tuple(canonical(v) for v in obj)
     return obj
+
+
+def finished_run_fields(best: Path) -> dict[str, str]:
+    """What the train stage's record of best.pt holds to mark its run finished: best.pt's sha256.
+    best.pt is written during training, so a killed run leaves a record that is absent, or that
+    names the bytes of an earlier run's best.pt (`unfinished_reason`)."""
+    return {"best_sha256": sha256_file(best)}
+
+
+def unfinished_reason(best: Path) -> str | None:
+    """Why `best` is not the result of a finished training run, or None if it is."""
+    record = read_record(best)
+    if record is None or "best_sha256" not in record:
+        return f"{best} has no training record: its run did not finish"
+    if record["best_sha256"] != sha256_file(best):
+        return f"{best} was rewritten after its training record: a later run did not finish"
+    return None
 
 
 def load_torch(path: Path) -> Any:

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import pytest
 import yaml
-from support.toy import write_toy_data
+from support.toy import write_toy_params
 from support.videos import write_video
 from typer.testing import CliRunner
 
@@ -25,11 +25,6 @@ from models import MODELS
 from pipeline.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_MMN = dict(features=["toy"], input_size=None, num_pre_clips=8, num_clips=4, pool_kernel=2,
-                pooling_counts=[3], feat_hidden=16, pred_hidden=16, pred_kernel=3, pred_layers=2,
-                joint_size=16, text_dim=16, text_layers=1, text_heads=2, text_ffn=32, vocab_size=120,
-                freeze_bert=0, epochs=2, batch_size=4, eval_batch_size=4, milestones=[1],
-                iou_thresholds=[0.3, 0.5, 0.7])
 
 
 def vmr(*args: str) -> str:
@@ -55,19 +50,7 @@ def vmr_fails(*args: str, names: tuple[str, ...] = ()) -> str:
 @pytest.fixture
 def toy(tmp_path: Path) -> Path:
     """A params file for a tiny MMN on toy features (no video needed)."""
-    dataset = write_toy_data(tmp_path / "data")
-    params = {
-        "seed": 0,
-        "dataset": dataset.model_dump(),
-        "merge": {"out_dir": str(tmp_path / "data" / "features")},
-        "trainer": {"out_dir": str(tmp_path / "runs"), "device": "cpu", "select_split": None},
-        "evaluate": {"out_dir": str(tmp_path / "results"), "split": "test"},
-        "models": ["mmn"],
-        "model": {"mmn": TINY_MMN},
-    }
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
+    return write_toy_params(tmp_path, select_split=None)
 
 
 # -- params ----------------------------------------------------------------------------------------

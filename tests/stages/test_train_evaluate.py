@@ -1,42 +1,18 @@
-"""Stages train@mmn and evaluate@mmn through the CLI on a tiny dataset: outputs, provenance, errors."""
+"""Stages train-mmn and evaluate-mmn through the CLI on a tiny dataset: outputs, provenance, errors."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import yaml
-from support.toy import write_toy_data  # noqa: E402
+from support.toy import write_toy_params  # noqa: E402
 from typer.testing import CliRunner
 
 from pipeline.cli import app  # noqa: E402
 from pipeline.core.provenance import read_record  # noqa: E402
 
-TINY_MMN = dict(features=["toy"], input_size=None, num_pre_clips=8, num_clips=4, pool_kernel=2,
-                pooling_counts=[3], feat_hidden=16, pred_hidden=16, pred_kernel=3, pred_layers=2,
-                joint_size=16, text_dim=16, text_layers=1, text_heads=2, text_ffn=32, vocab_size=120,
-                freeze_bert=0, epochs=2, batch_size=4, eval_batch_size=4, milestones=[1],
-                iou_thresholds=[0.3, 0.5, 0.7])
-
-
-def _params(tmp_path: Path, **trainer) -> Path:
-    dataset = write_toy_data(tmp_path / "data")
-    params = {
-        "seed": 0,
-        "dataset": dataset.model_dump(),
-        "merge": {"out_dir": str(tmp_path / "data" / "features")},
-        "trainer": {"out_dir": str(tmp_path / "runs"), "device": "cpu", **trainer},
-        "evaluate": {"out_dir": str(tmp_path / "results"), "split": "test"},
-        "models": ["mmn"],
-        "model": {"mmn": TINY_MMN},
-    }
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
-
 
 def test_train_then_evaluate_writes_predictions_metrics_and_provenance(tmp_path):
-    params = _params(tmp_path, select_split="test")
+    params = write_toy_params(tmp_path, select_split="test")
     runner = CliRunner()
     result = runner.invoke(app, ["train", "--model", "mmn", "-p", str(params)])
     assert result.exit_code == 0, result.output
@@ -67,7 +43,7 @@ def test_a_finished_run_is_reused_only_for_the_same_inputs(tmp_path):
     import h5py
     import torch
 
-    params = _params(tmp_path)
+    params = write_toy_params(tmp_path)
     runner = CliRunner()
     best = tmp_path / "runs" / "mmn" / "best.pt"
     assert runner.invoke(app, ["train", "--model", "mmn", "-p", str(params)]).exit_code == 0
@@ -99,7 +75,7 @@ def test_a_finished_run_is_reused_only_for_the_same_inputs(tmp_path):
 
 
 def test_missing_features_fail_before_any_work_naming_the_key(tmp_path):
-    params = _params(tmp_path)
+    params = write_toy_params(tmp_path)
     (tmp_path / "data" / "features" / "toy.h5").unlink()
     result = CliRunner().invoke(app, ["train", "--model", "mmn", "-p", str(params)])
     assert result.exit_code == 2
@@ -108,12 +84,12 @@ def test_missing_features_fail_before_any_work_naming_the_key(tmp_path):
 
 
 def test_evaluate_without_trained_weights_is_a_clear_error(tmp_path):
-    params = _params(tmp_path)
+    params = write_toy_params(tmp_path)
     result = CliRunner().invoke(app, ["evaluate", "--model", "mmn", "-p", str(params)])
     assert result.exit_code == 2 and "best.pt" in result.output
 
 
 def test_unknown_selection_split_is_a_params_error(tmp_path):
-    params = _params(tmp_path, select_split="val")
+    params = write_toy_params(tmp_path, select_split="val")
     result = CliRunner().invoke(app, ["train", "--model", "mmn", "-p", str(params)])
     assert result.exit_code == 2 and "trainer.select_split" in result.output and "'val'" in result.output

@@ -145,3 +145,30 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+# A tiny MMN on the toy features: trains in seconds through `vmr train`.
+TINY_MMN = dict(features=["toy"], input_size=None, num_pre_clips=8, num_clips=4, pool_kernel=2,
+                pooling_counts=[3], feat_hidden=16, pred_hidden=16, pred_kernel=3, pred_layers=2,
+                joint_size=16, text_dim=16, text_layers=1, text_heads=2, text_ffn=32, vocab_size=120,
+                freeze_bert=0, epochs=2, batch_size=4, eval_batch_size=4, milestones=[1],
+                iou_thresholds=[0.3, 0.5, 0.7])
+
+
+def write_toy_params(root: Path, **trainer) -> Path:
+    """root/params.yaml for TINY_MMN on toy data written under root/data (runs/, results/ beside)."""
+    import yaml
+
+    dataset = write_toy_data(root / "data")
+    params = {
+        "seed": 0,
+        "dataset": dataset.model_dump(),
+        "merge": {"out_dir": str(root / "data" / "features")},
+        "trainer": {"out_dir": str(root / "runs"), "device": "cpu", **trainer},
+        "evaluate": {"out_dir": str(root / "results"), "split": "test"},
+        "models": ["mmn"],
+        "model": {"mmn": TINY_MMN},
+    }
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
