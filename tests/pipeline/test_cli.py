@@ -30,8 +30,9 @@ def test_command_help_says_what_it_reads_and_writes(name):
 
 def test_version_is_the_package_version():
     """`vmr --version` prints pipeline.__version__, which must be pyproject.toml's version."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0, result.output
