@@ -17,6 +17,9 @@ HEADLINE = ("R@1,IoU@0.3", "R@1,IoU@0.5", "R@1,IoU@0.7", "R@5,IoU@0.5", "mIoU", 
             "t2v_R1", "t2v_R5", "t2v_MdR", "v2t_R1")
 
 
+_NO_LIMIT = 10_000  # characters: wide enough for any table's natural width
+
+
 def print_tables(*renderables, console: Console | None = None) -> None:
     """Print rich tables (or text) readably on a terminal and off one.
 
@@ -31,9 +34,6 @@ def print_tables(*renderables, console: Console | None = None) -> None:
     for r in renderables:
         width = console.measure(r, options=console.options.update_width(_NO_LIMIT)).maximum
         Console(file=console.file, width=max(width, console.width), color_system=None).print(r)
-
-
-_NO_LIMIT = 10_000
 
 
 def collect_metrics(results_dir: Path) -> dict[str, dict]:
