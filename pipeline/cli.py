@@ -54,6 +54,22 @@ app = typer.Typer(
     help="vmr: raw videos to trained, evaluated moment-retrieval models, reproducibly (DVC).",
 )
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        typer.echo(f"vmr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="print the version and exit.")] = False,
+) -> None:
+    """vmr: raw videos to trained, evaluated moment-retrieval models, reproducibly (DVC)."""
+
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (YAML).")]
 SetOpt = Annotated[
     list[str] | None,
@@ -300,10 +316,10 @@ def score(
 
     Reads: PREDICTIONS and --annotations. Writes: the metrics JSON (--out).
     """
-    from rich.console import Console
     from rich.table import Table
 
     from pipeline.core.atomic import write_json
+    from pipeline.report import print_tables
     from pipeline.text.annotations import AnnotationError
     from pipeline.training.evaluation import flatten_metrics, score_file
 
@@ -323,7 +339,7 @@ def score(
              if not k.startswith("moment_detr/") or k.startswith("moment_detr/brief/")}
     for key, value in shown.items():
         table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    print_tables(table)
     typer.echo(f"metrics written to {out}")
 
 
@@ -344,6 +360,7 @@ def lineage(path: Annotated[Path, typer.Argument(help="an artifact written by a 
 def report(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    profile: ProfileOpt = None,
 ) -> None:
     """Print where the pipeline's outputs are and the metrics table of every evaluated model.
 
@@ -351,7 +368,32 @@ def report(
     """
     from pipeline.report import print_report
 
-    print_report(_params(params, set_))
+    print_report(_params(params, set_, profile))
+
+
+@app.command("compare-features")
+def compare_features(
+    a: Annotated[Path, typer.Argument(help="features to check (ours): an HDF5 file or a folder of <vid>.npy/.npz.")],
+    b: Annotated[Path, typer.Argument(help="reference features (e.g. the released file), same forms as A.")],
+    max_offset: Annotated[int, typer.Option(min=0, help="try row shifts -N..N per video; report the best.")] = 3,
+    out: Annotated[Path, typer.Option(help="the JSON report (every video).")] = Path("feature_parity.json"),
+    show: Annotated[int, typer.Option(min=0, help="videos in the printed table (lowest median cosine first).")] = 10,
+) -> None:
+    """Compare two sets of video features: ours against a released file, two runs, two backends.
+
+    Per video and overall: row counts, the best row offset, row cosine (median, 5th percentile)
+    and relative L2 ||A - B|| / ||B|| at that offset; videos in only one side are listed.
+
+    Reads: A and B. Writes: --out (JSON).
+    """
+    from pipeline.core.atomic import write_json
+    from pipeline.media.compare import compare_features as compare
+    from pipeline.report import print_parity
+
+    result = compare(a, b, max_offset)
+    write_json(out, result)
+    print_parity(result, show)
+    typer.echo(f"report written to {out}")
 
 
 def main() -> None:  # `python -m pipeline.cli` (used by torchrun re-launch)

@@ -200,7 +200,7 @@ class TextDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         qid, vid, caption = self.pairs[i]
         ids, mask = tokenize(caption, self.max_words)
-        return {"qid": qid, "vid": vid, "ids": ids, "mask": mask}
+        return {"qid": qid, "vid": vid, "text": caption, "ids": ids, "mask": mask}
 
 
 class VideoDataset(Dataset):

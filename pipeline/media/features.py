@@ -54,6 +54,9 @@ class FeatureFile:
     def __contains__(self, vid: str) -> bool:
         return vid in self._file()
 
+    def video_ids(self) -> list[str]:
+        return sorted(self._file())
+
     def _dataset(self, vid: str) -> h5py.Dataset:
         node = self._file()[vid]
         return node[ACTIVITYNET_KEY] if isinstance(node, h5py.Group) else node

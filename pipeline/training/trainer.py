@@ -105,7 +105,8 @@ trainer nor stage evaluate asks which kind it holds. A model implements its task
 Grounding models (`GroundingModel`, task = "grounding") add:
     predict_step(batch) -> list of {"qid", "vid", "pred_relevant_windows": [[s, e, score], ...]}
         seconds, best first (after the model's own NMS), optionally "pred_saliency_scores": [...]
-        (Moment-DETR's jsonl format; evaluate writes exactly these lines).
+        (Moment-DETR's jsonl format; `predict_all` adds each query's text as "query" after "qid",
+        so that evaluate writes lines that can be read without the annotation file).
     metrics(predictions, queries) -> dict[str, float]
         the seed's evaluation convention through the shared evaluator (`pipeline.training.evaluation`);
         keys such as "R@1,IoU@0.5" are what `select_metric` names. Called on the predictions (model
@@ -115,7 +116,8 @@ Grounding models (`GroundingModel`, task = "grounding") add:
 
 Retrieval models (`RetrievalModel`, task = "retrieval") add:
     build_eval_datasets(split, data) -> (text_dataset, video_dataset)
-    encode_text(batch)  -> {"qid": [...], "vid": [ground-truth video id per text], "emb": Tensor | tuple of Tensors}
+    encode_text(batch)  -> {"qid": [...], "vid": [ground-truth video id per text], "emb": Tensor | tuple of Tensors,
+                            optionally "text": [the query text] (then written with the similarity)}
     encode_video(batch) -> {"vid": [...], "emb": Tensor | tuple of Tensors}
         embeddings are concatenated over batches along dim 0 (element-wise for tuples)
     similarity(text_emb, video_emb) -> Tensor [num_texts, num_videos] (called on blocks of
@@ -219,6 +221,7 @@ class RetrievalResult:
     text_qids: list[Any]
     text_vids: list[Any]  # ground-truth video of each text
     video_vids: list[Any]
+    text_queries: list[str] | None = None  # the text of each row, when the model's encode_text gives it
 
 
 @dataclasses.dataclass
@@ -410,7 +413,7 @@ class GroundingModel(VmrModel):
             return None
         order = {q.qid: i for i, q in enumerate(data.queries or [])}
         preds = [p for batch in outs for p in batch]
-        return sorted(preds, key=lambda p: order.get(p["qid"], len(order)))
+        return with_query_text(sorted(preds, key=lambda p: order.get(p["qid"], len(order))), data.queries or [])
 
     def score(self, predictions: list[dict], data: EvalData) -> dict[str, float]:
         return {k: float(v) for k, v in self.metrics(predictions, data.queries).items()}
@@ -464,6 +467,7 @@ class RetrievalModel(VmrModel):
             text_qids=[q for t in texts for q in t["qid"]],
             text_vids=[v for t in texts for v in t["vid"]],
             video_vids=[v for b in videos for v in b["vid"]],
+            text_queries=[s for t in texts for s in t["text"]] if all("text" in t for t in texts) else None,
         )
 
     def score(self, predictions: RetrievalResult, data: EvalData) -> dict[str, float]:
@@ -473,11 +477,13 @@ class RetrievalModel(VmrModel):
         return self.score(random_retrieval_result(predictions, seed), data)
 
     def write_predictions(self, predictions: RetrievalResult, out_dir: Path) -> Path:
-        """The similarity matrix with the ids of its rows and columns."""
+        """The similarity matrix with the ids of its rows and columns (and the query texts of its rows)."""
         path = Path(out_dir) / "similarity.npz"
+        texts = {} if predictions.text_queries is None else {"text_queries": np.asarray(predictions.text_queries)}
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, similarity=predictions.similarity.numpy(), text_qids=np.asarray(predictions.text_qids),
-                     text_vids=np.asarray(predictions.text_vids), video_vids=np.asarray(predictions.video_vids))
+                     text_vids=np.asarray(predictions.text_vids), video_vids=np.asarray(predictions.video_vids),
+                     **texts)
         return path
 
 
@@ -832,6 +838,14 @@ def _rows(emb: Any, start: int, stop: int, device: torch.device) -> Any:
     if isinstance(emb, tuple):
         return tuple(e[start:stop].to(device) for e in emb)
     return emb[start:stop].to(device)
+
+
+def with_query_text(predictions: list[dict], queries: list) -> list[dict]:
+    """Moment-DETR's line order {qid, query, vid, ...}: the query text from the annotation record
+    of each qid (a prediction whose qid no record has is left as it is)."""
+    text = {q.qid: q.sentence for q in queries}
+    return [{"qid": p["qid"], "query": text[p["qid"]], **{k: v for k, v in p.items() if k not in ("qid", "query")}}
+            if p["qid"] in text else p for p in predictions]
 
 
 def random_grounding_predictions(queries: list, seed: int, num_windows: int = 10) -> list[dict]:

@@ -596,3 +596,34 @@ def test_published_msrvtt_config_has_the_official_parameter_count():
     with torch.device("meta"):
         model = GLSCL(cfg)
     assert sum(p.numel() for p in model.parameters()) == 189_158_657
+
+
+def test_evaluate_writes_the_query_texts_beside_the_similarity(tmp_path):
+    """`vmr evaluate` on GLSCL: similarity.npz names each row's query text, and `vmr score` reads it."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    dataset = _tiny_retrieval_dataset(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "dataset": dataset.model_dump(), "merge": {"out_dir": str(tmp_path / "features")},
+        "trainer": {"out_dir": str(tmp_path / "runs"), "device": "cpu", "select_split": "test"},
+        "evaluate": {"out_dir": str(tmp_path / "results"), "split": "test"}, "models": ["glscl"],
+        "model": {"glscl": {**TINY, "vocab_size": 49408, "context_length": 32, "max_words": 16, "input": "features",
+                            "epochs": 1, "batch_size": 6, "eval_batch_size": 4}},
+    }))
+    runner = CliRunner()
+    for stage in ("train", "evaluate"):
+        result = runner.invoke(app, [stage, "--model", "glscl", "-p", str(params)])
+        assert result.exit_code == 0, result.output
+    similarity = tmp_path / "results" / "glscl" / "predictions" / "similarity.npz"
+    with open(dataset.video_captions) as fh:
+        captions = json.load(fh)
+    with np.load(similarity, allow_pickle=False) as z:
+        assert z["similarity"].shape == (6, 6)
+        assert z["text_queries"].tolist() == [captions[v] for v in z["text_vids"].tolist()]
+    result = runner.invoke(app, ["score", str(similarity), "--annotations", dataset.video_captions,
+                                 "--dataset", "msrvtt", "--out", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output

@@ -26,3 +26,25 @@ def test_command_help_says_what_it_reads_and_writes(name):
     if name not in ("lineage", "report"):
         assert "Writes:" in result.output
         assert "--params" in result.output and "--set" in result.output
+
+
+def test_version_is_the_package_version():
+    """`vmr --version` prints pipeline.__version__, which must be pyproject.toml's version."""
+    from pathlib import Path
+
+    import tomllib
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    assert result.output.strip() == f"vmr {tomllib.loads(pyproject.read_text())['project']['version']}"
+
+
+def test_every_command_that_reads_params_takes_profiles():
+    from typer.main import get_command
+
+    group = get_command(app)
+    for name, command in group.commands.items():
+        options = {opt for p in command.params for opt in p.opts}
+        if "--params" in options and name != "dag":  # dvc.yaml is made from params.yaml alone
+            assert "--profile" in options, name
