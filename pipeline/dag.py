@@ -17,7 +17,7 @@ import yaml
 from extractors import EXTRACTORS
 from models import MODELS
 from pipeline.core.codedeps import stage_code
-from pipeline.core.params import Params
+from pipeline.core.params import Params, ParamsError
 from pipeline.media.importers import resolve
 from pipeline.training.trainer import DataContext
 from stages.decode import frame_models
@@ -151,7 +151,20 @@ def build_dag(params: Params, raw: dict[str, Any]) -> dict[str, Any]:
         ["dataset", "vocab"], raw, [v.out_dir])
     for name in params.models:
         _model_stages(params, raw, name, stages)
+    _one_producer_per_output(stages)
     return {"stages": stages}
+
+
+def _one_producer_per_output(stages: dict[str, Any]) -> None:
+    """An imported name can collide with a file another stage makes (MRNet's query features)."""
+    made_by: dict[str, str] = {}
+    for name, stage in stages.items():
+        for out in stage["outs"]:
+            path = out if isinstance(out, str) else next(iter(out))
+            if path in made_by:
+                raise ParamsError(f"{path} would be written by both stage '{made_by[path]}' and stage '{name}': "
+                                  "rename the `imports` entry or the model's feature")
+            made_by[path] = name
 
 
 def render(dag: dict[str, Any]) -> str:

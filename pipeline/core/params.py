@@ -184,7 +184,7 @@ class Params(Section):
     extractors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     merge: MergeParams = MergeParams()
     # published feature files read in as features/<name>.h5; an imported name is never extracted
-    imports: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")], ImportParams] = Field(
+    imports: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")], ImportParams] = Field(
         default_factory=dict)
     vocab: VocabParams = VocabParams()
     models: list[str] = Field(default_factory=list)
