@@ -217,12 +217,10 @@ def resolve(name: str, cfg: Any) -> ImportSpec:
                                      f"({' and '.join(QUERY_KEYS)}): key, seconds_per_row and window_seconds "
                                      "do not apply")
         return ImportSpec(name, cfg.path, layout, None, pub.dim if pub else None, None, None, cfg.published, "")
-    if layout == "npy_dir" and cfg.key is not None:
-        raise FeatureImportError(f"key '{at}.key': layout npy_dir holds one array per file: no key applies")
+    if spec.default_key is None and cfg.key is not None:  # npy_dir, hdf5_flat
+        raise FeatureImportError(f"key '{at}.key': layout {layout} holds one array per video: no key applies")
     # a published file's key only where its own layout is read (charades_i3d as LGI's npy folder: none)
     key = cfg.key or (pub.key if pub and pub.layout == layout else None) or spec.default_key
-    if layout in ("npz_dir", "hdf5_activitynet") and key is None:
-        raise FeatureImportError(f"key '{at}.key': layout {layout} needs the name of the array to read")
     if cfg.seconds_per_row is not None:
         stride, source = cfg.seconds_per_row, "params"
     elif pub is not None and pub.seconds_per_row is not None:

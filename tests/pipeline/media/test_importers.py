@@ -111,6 +111,7 @@ def test_row_windows():
 @pytest.mark.parametrize("cfg,match", [
     (dict(layout="query_npz_dir", seconds_per_row=1.0), "do not apply"),
     (dict(layout="npy_dir", key="x", seconds_per_row=1.0), r"imports\.f\.key"),
+    (dict(layout="hdf5_flat", key="x", seconds_per_row=1.0), r"imports\.f\.key.*no key applies"),
     (dict(layout="hdf5_flat"), r"imports\.f\.seconds_per_row"),
 ])
 def test_settings_a_layout_cannot_use_are_refused(cfg, match):
