@@ -136,3 +136,16 @@ def test_params_refuse_an_incomplete_import_and_merge_will_not_overwrite_one(tmp
     params = write_params(tmp_path, {"clip": {"path": "x", "published": "qvhighlights_clip"}})
     result = vmr("merge", "--feature", "clip", "-p", params)
     assert result.exit_code == 2 and "'clip' is imported" in result.output
+
+
+def test_decode_keeps_no_frames_for_an_imported_feature(tmp_path):
+    from extractors import EXTRACTORS
+    from models import MODELS
+    from pipeline.core.params import load_params
+    from stages.decode import members, protocols_for
+
+    path = write_params(tmp_path, {"clip": {"path": "x", "published": "qvhighlights_clip"}},
+                        features=["clip", "vgg"], models=[])
+    params = load_params(path, registries=(EXTRACTORS, MODELS))
+    assert params.extracted_features() == ["vgg"] and members(params) == [EXTRACTORS.get("vgg")]
+    assert [p.key for p in protocols_for(params)] == [EXTRACTORS.get("vgg")(EXTRACTORS.config(params, "vgg")).protocol().key]
