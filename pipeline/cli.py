@@ -169,6 +169,23 @@ def merge(
     _run(params, set_, profile, stage, feature=feature)
 
 
+@app.command("import-features")
+def import_features(
+    name: Annotated[str, typer.Option(help="imported feature name (a key of `imports`).")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Read a published feature file in its own layout (no raw video), as `merge.out_dir`/<name>.h5.
+
+    Reads: `imports.<name>.path` (QVHighlights .npz folders, flat or ActivityNet HDF5, .npy folders).
+    Writes: `merge.out_dir`/<name>.h5 with row times, its provenance rooted at the file's sha256.
+    """
+    from stages import import_features as stage
+
+    _run(params, set_, profile, stage, name=name)
+
+
 @app.command()
 def vocab(
     params: ParamsOpt = Path("params.yaml"),

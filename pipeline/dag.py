@@ -17,7 +17,8 @@ import yaml
 from extractors import EXTRACTORS
 from models import MODELS
 from pipeline.core.codedeps import stage_code
-from pipeline.core.params import Params
+from pipeline.core.params import Params, ParamsError
+from pipeline.media.importers import resolve
 from pipeline.training.trainer import DataContext
 from stages.decode import frame_models
 from stages.train import annotation_files, data_context
@@ -100,6 +101,17 @@ def _model_stages(params: Params, raw: dict, name: str, stages: dict[str, Any]) 
         metrics=[{str(results / "metrics.json"): {"cache": False}}])
 
 
+def _import_stages(params: Params, raw: dict, stages: dict[str, Any]) -> None:
+    """One stage per `imports` entry: the published file in, `merge.out_dir`/<name>.h5 out."""
+    for name, cfg in params.imports.items():
+        spec = resolve(name, cfg)  # a layout that leaves the row times open fails here, naming the key
+        stages[f"import_features-{name}"] = _stage(
+            f"vmr import-features --name {name}",
+            f"Import the published {name} features ({spec.layout}; no raw video)",
+            stage_code("import_features"), [cfg.path], [f"imports.{name}", "merge.out_dir", "merge.compression"],
+            raw, [str(Path(params.merge.out_dir) / f"{name}.h5")])
+
+
 def build_dag(params: Params, raw: dict[str, Any]) -> dict[str, Any]:
     """The dvc.yaml mapping for `params` (`raw`: the same params file as read, for DVC's key checks)."""
     stages: dict[str, Any] = {}
@@ -107,23 +119,25 @@ def build_dag(params: Params, raw: dict[str, Any]) -> dict[str, Any]:
         stages["synth"] = _stage(
             "vmr synth", "Generate the synthetic default dataset (H.264 videos, Charades-STA annotations, "
             "synthetic GloVe)", stage_code("synth"), [], ["synth"], raw, [params.synth.out_dir])
-    frame_readers = frame_models(params)
-    members = [EXTRACTORS.get(f) for f in params.features] + [MODELS.get(m) for m in frame_readers]
-    stages["decode"] = _stage(
-        "vmr decode", "Decode every video once into the frame store, per enabled extractor's protocol",
-        stage_code("decode", members), [params.decode.video_dir],
-        ["decode", "features", *(f"extractors.{f}" for f in params.features),
-         *(f"model.{m}" for m in frame_readers)], raw,
-        # resume: finished videos are skipped, stale ones removed; regenerable, so not cached
-        [{params.decode.out_dir: {"persist": True, "cache": False}}])
+    _import_stages(params, raw, stages)
+    frame_readers, extracted = frame_models(params), params.extracted_features()  # imported: not extracted
+    members = [EXTRACTORS.get(f) for f in extracted] + [MODELS.get(m) for m in frame_readers]
+    if members:
+        stages["decode"] = _stage(
+            "vmr decode", "Decode every video once into the frame store, per enabled extractor's protocol",
+            stage_code("decode", members), [params.decode.video_dir],
+            ["decode", "features", *(f"extractors.{f}" for f in extracted),
+             *(f"model.{m}" for m in frame_readers)], raw,
+            # resume: finished videos are skipped, stale ones removed; regenerable, so not cached
+            [{params.decode.out_dir: {"persist": True, "cache": False}}])
     npy, features = Path(params.merge.npy_dir), Path(params.merge.out_dir)
-    for f in params.features:
+    for f in extracted:
         stages[f"extract-{f}"] = _stage(
             f"vmr extract --feature {f}", f"Extract per-video {f} features from the frame store",
             stage_code("extract", [EXTRACTORS.get(f)]), [params.decode.out_dir],
             ["decode.out_dir", "merge.npy_dir", f"extractors.{f}"], raw,
             [{str(npy / f): {"persist": True}}])  # resume: a re-run skips videos already done
-    for f in params.features:
+    for f in extracted:
         stages[f"merge-{f}"] = _stage(
             f"vmr merge --feature {f}", f"Merge the per-video {f} features into one HDF5 file",
             stage_code("merge", [EXTRACTORS.get(f)]), [str(npy / f)], ["merge"], raw,
@@ -137,7 +151,20 @@ def build_dag(params: Params, raw: dict[str, Any]) -> dict[str, Any]:
         ["dataset", "vocab"], raw, [v.out_dir])
     for name in params.models:
         _model_stages(params, raw, name, stages)
+    _one_producer_per_output(stages)
     return {"stages": stages}
+
+
+def _one_producer_per_output(stages: dict[str, Any]) -> None:
+    """An imported name can collide with a file another stage makes (MRNet's query features)."""
+    made_by: dict[str, str] = {}
+    for name, stage in stages.items():
+        for out in stage["outs"]:
+            path = out if isinstance(out, str) else next(iter(out))
+            if path in made_by:
+                raise ParamsError(f"{path} would be written by both stage '{made_by[path]}' and stage '{name}': "
+                                  "rename the `imports` entry or the model's feature")
+            made_by[path] = name
 
 
 def render(dag: dict[str, Any]) -> str:

@@ -2,7 +2,8 @@
 
 Two sources are joined: the provenance records the stages write (params read, input hashes, code
 version, weights) and `dvc.lock` (the command, dep and output hashes DVC verified). Each input named
-by a record is followed in turn until a record marked `raw` (or with no inputs) ends the chain.
+by a record is followed in turn until a record marked `raw` (or with no inputs) ends the chain; an
+imported published file is such a root, shown with its full sha256.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def lineage_chain(path: Path, lock: dict[str, Any] | None = None) -> list[dict[s
         seen.add(artifact.resolve())
         chain.append({"path": str(p), "artifact": _display(artifact), "record": record,
                       "lock": lock_stage_for(artifact, lock), "depth": depth})
+        if (record or {}).get("raw"):  # e.g. a published feature file: its inputs are not vmr's
+            return
         for inp in (record or {}).get("inputs", {}).values():
             visit(Path(inp["path"]), depth + 1)
 
@@ -95,6 +98,11 @@ def format_lineage(path: Path) -> str:
             lines.append(f"{pad}  dvc.lock stage '{name}': cmd `{stage.get('cmd')}`")
             for out in stage.get("outs", []):
                 lines.append(f"{pad}    out {out['path']} md5={out.get('md5')}")
+        published = record.get("published")
+        if published:
+            root = record.get("inputs", {}).get("published", {})
+            lines.append(f"{pad}  {published.get('note')}: {root.get('path')} ({published.get('layout')}) "
+                         f"sha256={root.get('sha256')}")
         if record.get("raw"):
             lines.append(f"{pad}  (raw input: the chain starts here)")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
 """Stage `decode`: raw videos -> frame store, for the sampling protocols of the enabled `features`
-and of the models in `models` that train on pixels (their `needs().frames`)."""
+(less the imported ones) and of the models in `models` that train on pixels (their `needs().frames`)."""
 
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ def frame_models(params: Params) -> list[str]:
 
 def members(params: Params) -> list[type]:
     """The registry members whose code decides what decode keeps."""
-    return [EXTRACTORS.get(f) for f in params.features] + [MODELS.get(m) for m in frame_models(params)]
+    return [EXTRACTORS.get(f) for f in params.extracted_features()] + [MODELS.get(m) for m in frame_models(params)]
 
 
 def protocols_for(params: Params) -> list:
-    protocols = [EXTRACTORS.get(name)(EXTRACTORS.config(params, name)).protocol() for name in params.features]
+    protocols = [EXTRACTORS.get(name)(EXTRACTORS.config(params, name)).protocol()
+                 for name in params.extracted_features()]
     for name in frame_models(params):
         protocols.append(MODELS.get(name).needs(MODELS.config(params, name), params.dataset).frames)
     return protocols

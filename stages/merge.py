@@ -7,14 +7,16 @@ from pathlib import Path
 
 from extractors import EXTRACTORS
 from pipeline.core.codedeps import stage_code
-from pipeline.core.params import Params, require_files, subset
+from pipeline.core.params import Params, ParamsError, require_files, subset
 from pipeline.core.progress import log, make_progress
 from pipeline.core.provenance import make_record, read_record
 from pipeline.media.h5merge import export_npz, merge_to_hdf5
 
 
 def run(params: Params, source: str, feature: str, **_: object) -> None:
-
+    if feature in params.imports:  # merging would overwrite the imported file
+        raise ParamsError(f"{source}: key 'imports.{feature}': '{feature}' is imported; "
+                          f"its file comes from `vmr import-features --name {feature}`")
     p = params.merge
     src = Path(p.npy_dir) / feature
     require_files(source, {"merge.npy_dir": str(src)})

@@ -118,6 +118,30 @@ class MergeParams(Section):
     export_npz_dir: str | None = None  # also write Moment-DETR-style <vid>.npz {"features"} here
 
 
+class ImportParams(Section):
+    """`imports.<name>`: a published feature file read in as `merge.out_dir`/<name>.h5 (docs/import.md).
+
+    The names are checked against pipeline.media.importers (LAYOUTS, PUBLISHED) by a test."""
+
+    path: str  # the released file (HDF5) or folder (one .npz/.npy per video or query)
+    # a known release (feature_protocols.md): its layout, key, row times and dim are the defaults
+    published: Literal[
+        "qvhighlights_clip", "qvhighlights_slowfast", "qvhighlights_clip_text", "charades_clip",
+        "charades_slowfast", "charades_vgg", "charades_vgg_umt", "charades_i3d", "tacos_c3d", "activitynet_c3d",
+    ] | None = None
+    layout: Literal["npz_dir", "npy_dir", "hdf5_flat", "hdf5_activitynet", "query_npz_dir"] | None = None
+    key: str | None = None  # the array in each .npz / ActivityNet group (default: the layout's)
+    seconds_per_row: Positive | None = None  # from one row to the next (default: the release's)
+    window_seconds: Positive | None = None  # the span of one row (default: the release's, else seconds_per_row)
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None  # expected digest of `path`
+
+    @model_validator(mode="after")
+    def _layout_known(self) -> ImportParams:
+        if self.layout is None and self.published is None:
+            raise ValueError("give `layout` or `published`")
+        return self
+
+
 class VocabParams(Section):
     """`vmr vocab`. `splits` are counted in order (MESM counted train+test; default: train only)."""
 
@@ -159,11 +183,18 @@ class Params(Section):
     features: list[str] = Field(default_factory=lambda: ["clip"])
     extractors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     merge: MergeParams = MergeParams()
+    # published feature files read in as features/<name>.h5; an imported name is never extracted
+    imports: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")], ImportParams] = Field(
+        default_factory=dict)
     vocab: VocabParams = VocabParams()
     models: list[str] = Field(default_factory=list)
     model: dict[str, dict[str, Any]] = Field(default_factory=dict)
     trainer: TrainerParams = TrainerParams()
     evaluate: EvaluateParams = EvaluateParams()
+
+    def extracted_features(self) -> list[str]:
+        """`features` less the imported names: the ones decode, extract and merge make."""
+        return [f for f in self.features if f not in self.imports]
 
 
 # -- loading --------------------------------------------------------------------------------------

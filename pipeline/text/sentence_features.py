@@ -9,12 +9,14 @@ positions: for text every token including [CLS] and [SEP], for audio every encod
     encode_waveforms(waveforms, feature_extractor, model) -> (n, D) float32 (wav2vec2-style audio)
     read_wav(path, sample_rate=16000)                  -> mono float32 waveform at sample_rate
     synthetic_speech(text, sample_rate=16000)          -> a deterministic stand-in "utterance"
-    write_query_features(path, keys, features, provenance) / read_query_features(path)
+    write_query_features(path, keys, features, provenance, tokens=None) / read_query_features(path)
+    read_query_tokens(path)                            -> {key: (L, D)} per-token features (imported)
 
 The HDF5 file holds `keys` (utf-8 strings: the query sentence, stripped) and `features` (n, D)
 float32, one row per distinct key, sorted by key so the bytes do not depend on annotation order.
 Spoken queries are keyed by the sentence they speak, so a model looks up text and audio features
-the same way.
+the same way. Imported published query features (`vmr import-features`, QVHighlights
+clip_text_features) are keyed by qid instead, and add a group `tokens` of (L, D) per-token features.
 """
 
 from __future__ import annotations
@@ -202,9 +204,13 @@ def load_audio_encoder(encoder_dir: str | os.PathLike | None, seed: int = 0) -> 
 
 
 def write_query_features(
-    path: str | os.PathLike, keys: Sequence[str], features: np.ndarray, provenance: Mapping[str, Any] | None = None
+    path: str | os.PathLike, keys: Sequence[str], features: np.ndarray, provenance: Mapping[str, Any] | None = None,
+    tokens: Mapping[str, np.ndarray] | None = None,
 ) -> None:
-    """Write keys + features sorted by key; duplicate keys must carry identical rows."""
+    """Write keys + features sorted by key; duplicate keys must carry identical rows.
+
+    `tokens` (key -> (L, D) per-token features, e.g. imported CLIP `last_hidden_state`) go in the
+    group `tokens`, one dataset per key, in their own dtype."""
     import h5py
 
     if len(keys) != len(features):
@@ -213,6 +219,10 @@ def write_query_features(
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("keys", data=[keys[i].encode() for i in order], dtype=h5py.string_dtype())
         f.create_dataset("features", data=np.asarray(features, np.float32)[order])
+        if tokens is not None:
+            group = f.create_group("tokens")
+            for i in order:
+                group.create_dataset(keys[i], data=tokens[keys[i]], track_times=False)
         if provenance is not None:
             f.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
 
@@ -232,6 +242,16 @@ def read_query_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if len(keys) != len(features):
         raise ValueError(f"{path}: {len(keys)} keys but {len(features)} feature rows")
     return dict(zip(keys, features, strict=True))
+
+
+def read_query_tokens(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """{query key: (L, D) float32} from the `tokens` group of a query feature file."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "tokens" not in f:
+            raise ValueError(f"{path}: no per-token query features (group 'tokens')")
+        return {k: np.asarray(v[()], np.float32) for k, v in f["tokens"].items()}
 
 
 def unique_sentences(sentences: Iterable[str]) -> list[str]:

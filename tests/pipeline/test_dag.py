@@ -97,3 +97,69 @@ def test_null_optional_inputs_drop_out_and_dvc_reads_the_dag(tmp_path):
     status = subprocess.run([dvc, "status"], cwd=tmp_path, capture_output=True, text=True)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "unexpected error" not in status.stdout + status.stderr
+
+
+def test_an_imported_feature_comes_from_its_import_stage_not_from_video(tmp_path):
+    """`imports.clip` replaces decode/extract/merge of clip; the models reading features/clip.h5
+    depend on the import stage's output, and DVC reads the DAG."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    raw = read_yaml(PARAMS)
+    raw["imports"] = {"clip": {"path": "published/clip_features", "published": "qvhighlights_clip"},
+                      "vgg": {"path": "published/vgg_rgb_features.hdf5", "published": "charades_vgg"}}
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["dag", "--params", str(params_path), "--out", str(tmp_path / "dvc.yaml")])
+    assert result.exit_code == 0, result.output
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert not {"extract-clip", "merge-clip"} & set(stages)
+    # glscl reads frames only when model.glscl.input is frames: nothing else needs decoding
+    assert "decode" not in stages
+    clip = stages["import_features-clip"]
+    assert clip["cmd"] == "vmr import-features --name clip" and "published/clip_features" in clip["deps"]
+    assert set(stage_code("import_features")) <= set(clip["deps"]) and "imports.clip" in clip["params"]
+    assert clip["outs"] == ["features/clip.h5"] and stages["import_features-vgg"]["outs"] == ["features/vgg.h5"]
+    for model in ("mmn", "mesm", "cnm", "mrnet", "glscl"):
+        assert "features/clip.h5" in stages[f"train-{model}"]["deps"]
+    producers = [n for n, s in stages.items() for o in s["outs"] if o == "features/clip.h5"]
+    assert producers == ["import_features-clip"]
+
+    # a feature still extracted next to an imported one keeps its own decode/extract/merge
+    raw["features"] = ["clip", "vgg"]
+    raw["imports"].pop("vgg")
+    params_path.write_text(yaml.safe_dump(raw))
+    stages = generated(params_path)["stages"]
+    assert {"decode", "extract-vgg", "merge-vgg", "import_features-clip"} <= set(stages)
+    assert not {"extract-clip", "merge-clip"} & set(stages) and "extractors.clip" not in stages["decode"]["params"]
+
+    # DVC accepts the generated stages and sees the import as the producer of features/clip.h5
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
+    (tmp_path / "dvc.yaml").write_text(render(generated(params_path)))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True)
+    dag = subprocess.run([dvc, "dag", "--dot", "train-mmn"], cwd=tmp_path, capture_output=True, text=True)
+    assert dag.returncode == 0, dag.stdout + dag.stderr
+    assert '"import_features-clip" -> "train-mmn"' in dag.stdout and "merge-clip" not in dag.stdout
+
+
+def test_an_import_whose_rows_have_no_time_fails_the_dag(tmp_path):
+    raw = read_yaml(PARAMS)
+    raw["imports"] = {"anet": {"path": "published/anet.h5", "published": "activitynet_c3d"}}
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["dag", "--params", str(params_path), "--out", str(tmp_path / "dvc.yaml")])
+    assert result.exit_code == 2 and "imports.anet.seconds_per_row" in result.output
+
+
+def test_an_import_may_not_shadow_a_file_another_stage_makes(tmp_path):
+    raw = read_yaml(PARAMS)
+    raw["imports"] = {"query_distilbert": {"path": "published/x.h5", "layout": "hdf5_flat", "seconds_per_row": 1.0}}
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["dag", "--params", str(params_path), "--out", str(tmp_path / "dvc.yaml")])
+    assert result.exit_code == 2, result.output
+    assert ("features/query_distilbert.h5 would be written by both stage 'import_features-query_distilbert' "
+            "and stage 'query_features-mrnet'") in result.output
