@@ -191,17 +191,24 @@ def _write_mmn(root: Path, splits, features, vocab_dir, query_features) -> dict[
     return {"files": files, "features": feats}
 
 
+def _glove_dim(path: Path) -> int:
+    from pipeline.text.vocab import load_glove_pkl
+
+    return len(load_glove_pkl(path)["id2vec"][0])
+
+
 def _write_cnm(root: Path, splits, features, vocab_dir, query_features) -> dict[str, Any]:
     base = root / "data" / "charades"
     _copy(_need_file(vocab_dir and vocab_dir / "glove.pkl", "vocab file glove.pkl",
                      "run `vmr vocab` with `vocab.glove_file` set"), base / "glove.pkl")
+    word_dim = _glove_dim(base / "glove.pkl")
     for split, queries in splits.items():
         _write_json(base / f"{split}.json", cpl_list(queries))
     (name, src), = features.items()
     feats = {name: write_flat_features(src, base / f"{name}.hdf5", _videos(splits))}
     files = {f"{split}_data": f"data/charades/{split}.json" for split in splits}
     files |= {"vocab_path": "data/charades/glove.pkl", "feature_path": f"data/charades/{name}.hdf5"}
-    return {"files": files, "features": feats}
+    return {"files": files, "features": feats, "word_dim": word_dim}
 
 
 def _write_mrnet(root: Path, splits, features, vocab_dir, query_features) -> dict[str, Any]:
@@ -367,6 +374,7 @@ and set in config/charades/<your config>.json, section "dataset":
     "feature_path": "{files['feature_path']}"
     "vocab_path": "data/charades/glove.pkl"
     "frame_dim": {total_dim}
+    "word_dim": {manifest.get('word_dim')}      (the GloVe vectors' size in glove.pkl)
     "train_data": "data/charades/train.json", "test_data" and "val_data": "data/charades/test.json"
 Each json is CPL's list [[vid, duration, [start, end], sentence], ...] in seconds. CNM tokenises with nltk
 (word_tokenize + pos_tag: install nltk's punkt and averaged_perceptron_tagger data) and keeps the words of

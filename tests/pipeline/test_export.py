@@ -134,7 +134,9 @@ def test_cnm_export_matches_cpl_json_and_round_trips(project, shared_annotations
     assert (base / "glove.pkl").read_bytes() == (project / "vocab" / "glove.pkl").read_bytes()
     assert set(load_glove_pkl(base / "glove.pkl")) == {"w2id", "id2vec", "counter"}
     assert_features_equal(base / "toy.hdf5", project / "data" / "features" / "toy.h5")
-    assert '"feature_path": "data/charades/toy.hdf5"' in (out / "README.txt").read_text()
+    readme = (out / "README.txt").read_text()
+    assert '"feature_path": "data/charades/toy.hdf5"' in readme and '"frame_dim": 6' in readme
+    assert '"word_dim": 3' in readme  # the tiny GloVe file's size, not CNM's default 300
 
 
 def test_mesm_export_is_charades_sta_with_count_files_beside(project, shared_annotations):
