@@ -387,8 +387,8 @@ def compare(fmt: str, dump: dict, work: Path, checks: Checks) -> None:
         raw = {vid: h5[vid][()] for vid in h5}
 
     if fmt == "mmn":
-        # The json holds vmr's `mmn` policy (as MMN's own file: ends clipped, reversed moments dropped); MMN's
-        # loader then also skips moments with s >= e, i.e. those starting after the video's end
+        # The json holds vmr's `mmn` policy (as MMN's own file: ends clipped, reversed moments dropped), which
+        # keeps a moment starting after the video's end as (s, duration); MMN's loader skips s >= e
         exp = vmr_queries(params, "mmn")
         for videos in exp.values():
             for rec in videos.values():
