@@ -43,6 +43,7 @@ import numpy as np
 
 from pipeline.core.atomic import TMP_PREFIX
 from pipeline.core.errors import VmrError
+from pipeline.core.progress import track
 from pipeline.text.annotations import Query
 
 MANIFEST = "vmr_export.json"
@@ -129,7 +130,7 @@ def write_flat_features(src: Path, dst: Path, needed: Sequence[str]) -> dict[str
         with h5py.File(dst, "w") as fout:
             for key, value in fin.attrs.items():
                 fout.attrs[key] = value
-            for vid in sorted(fin.keys()):
+            for vid in track(sorted(fin.keys()), f"export {src.name}"):
                 node = fin[vid]
                 data = node["c3d_features"] if isinstance(node, h5py.Group) else node
                 arr = np.asarray(data[()], dtype=np.float32)
@@ -233,7 +234,7 @@ def _write_mrnet(root: Path, splits, features, vocab_dir, query_features) -> dic
         by_vid: dict[str, list[Query]] = {}
         for q in queries:
             by_vid.setdefault(q.video_id, []).append(q)
-        for vid, rec in videos.items():
+        for vid, rec in track(videos.items(), f"export query tensors ({split})", total=len(videos)):
             rec["audios"] = []
             for k, q in enumerate(by_vid[vid], 1):
                 stem = audio_stem(vid, split, k)

@@ -296,3 +296,25 @@ def test_sentence_the_txt_cannot_hold_is_refused(tmp_path):
     assert vmr("vocab", "--params", p).exit_code == 0
     result = vmr("export", tmp_path / "bad", "--format", "mesm", "--params", p)
     assert result.exit_code == 2 and "'##'" in result.output and not (tmp_path / "bad").exists()
+
+
+def test_mrnet_names_without_dots_and_collisions_refused(tmp_path):
+    """MRNet keeps a query file's name up to the first '.': dotted ids are renamed, and two ids that
+    would then share names are refused."""
+    from pipeline.export import ExportError, export
+    from pipeline.text.annotations import Query
+    from pipeline.text.sentence_features import write_query_features
+
+    with h5py.File(tmp_path / "f.h5", "w") as h5:
+        for vid in ("s30-d52.avi", "s30-d52_avi"):
+            h5[vid] = np.ones((4, 2), np.float32)
+    write_query_features(tmp_path / "q.h5", ["a b", "c d"], np.eye(2, 3, dtype=np.float32))
+    queries = [Query("x", "test", "s30-d52.avi", 9.0, ((1.0, 2.0),), "a b", 0)]
+    export("mrnet", tmp_path / "ok", {"test": queries}, {"f": tmp_path / "f.h5"}, query_features=tmp_path / "q.h5")
+    ann = json.loads((tmp_path / "ok" / "dataset" / "Charades_STA" / "test_audio_new.json").read_text())
+    assert ann["s30-d52.avi"]["audios"] == ["s30-d52_avi_test_1.wav"]
+    assert (tmp_path / "ok" / "dataset" / "Charades_STA" / "text_distbert_feat" / "s30-d52_avi_test_1.pt").is_file()
+    queries.append(Query("x", "test", "s30-d52_avi", 9.0, ((1.0, 2.0),), "c d", 1))
+    with pytest.raises(ExportError, match="same MRNet query file"):
+        export("mrnet", tmp_path / "bad", {"test": queries}, {"f": tmp_path / "f.h5"}, query_features=tmp_path / "q.h5")
+    assert not (tmp_path / "bad").exists() and leftovers(tmp_path) == []
