@@ -41,7 +41,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.core.atomic import TMP_PREFIX
+from pipeline.core.atomic import temporary_prefix
 from pipeline.core.errors import VmrError
 from pipeline.core.progress import track
 from pipeline.text.annotations import Query
@@ -148,7 +148,8 @@ def write_flat_features(src: Path, dst: Path, needed: Sequence[str]) -> dict[str
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, ensure_ascii=False) + "\n", encoding="utf-8")
+    # ASCII with \u escapes: the official loaders open files with the locale's encoding
+    path.write_text(json.dumps(obj) + "\n", encoding="utf-8")
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -298,7 +299,7 @@ def export(
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}.", dir=out_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(out_dir.name), dir=out_dir.parent))
     try:
         written = _WRITERS[fmt](staging, dict(splits), {n: Path(p) for n, p in features.items()},
                                 Path(vocab_dir) if vocab_dir else None, query_features and Path(query_features))
@@ -328,7 +329,7 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
     """Rename the finished export onto OUT_DIR; an earlier export there is moved aside, then removed."""
     old = None
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}.old.", dir=out_dir.parent))
+        old = Path(tempfile.mkdtemp(prefix=temporary_prefix(out_dir.name), dir=out_dir.parent))
         os.replace(out_dir, old / "previous")
     os.replace(staging, out_dir)
     if old is not None:
