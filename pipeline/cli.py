@@ -361,6 +361,28 @@ def score(
 
 
 @app.command()
+def export(
+    out_dir: Annotated[Path, typer.Argument(help="folder to write (replaced only if empty or an earlier export).")],
+    format: Annotated[str, typer.Option("--format", help="the official repository: mesm, mmn, cnm or mrnet.")],
+    feature: Annotated[list[str] | None, typer.Option(
+        help="feature to export (repeatable; default: the features model.<format> reads).")] = None,
+    cleaning: Annotated[str, typer.Option(
+        help="moment cleaning: official (the target's released files' rule) or none, mmn, mesm, cnm.")] = "official",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Write what an official repository reads, in its layout, to train it on vmr's features.
+
+    Reads: the annotation splits of `dataset`, `merge.out_dir`/<feature>.h5, `vocab.out_dir` (mesm,
+    cnm), MRNet's query features (mrnet). Writes: OUT_DIR with README.txt (which config keys to set).
+    """
+    from pipeline import export as exporter
+
+    _run(params, set_, profile, exporter, fmt=format, out_dir=out_dir, features=feature, cleaning=cleaning)
+
+
+@app.command()
 def lineage(path: Annotated[Path, typer.Argument(help="an artifact written by a vmr stage.")]) -> None:
     """Print the chain of stages, params, inputs and weights that made PATH, back to the raw inputs.
 
