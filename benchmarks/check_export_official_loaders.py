@@ -34,7 +34,8 @@ What it does:
      links that name to the exported feature file (what a user does by editing the catalog).
 3. Compares: moments, durations, sentences and their order (after each loader's own cleaning,
    against vmr's cleaning policy of the same name), video features after each loader's own
-   normalisation and resampling (against vmr's `pipeline.media.features` conventions), MRNet's
+   normalisation and resampling (against vmr's `pipeline.media.features` conventions; CNM's also
+   against the items of vmr's CNM dataset, the model's own input), MRNet's
    query tensors (against vmr's query-feature file), MESM's count-file vocabularies and CNM's
    glove.pkl vocabulary and word vectors (against vmr's vocab files). Prints a table; exit 1 when a
    comparison fails, 2 when a loader could not run.
@@ -436,6 +437,7 @@ def compare(fmt: str, dump: dict, work: Path, checks: Checks) -> None:
         keep = {w: i + 1 for i, (w, _) in enumerate(pkl["counter"].most_common(1111))}
         checks.add(fmt, "keep_vocab = glove.pkl counter.most_common(1111), ids from 1", dump["keep_vocab"] == keep,
                    f"{len(keep)} words")
+        model_input = vmr_cnm_frames(params)
         for split, videos in exp.items():
             ours = [(vid, r["duration"], s, e, t) for vid, r in videos.items() for s, e, t in r["queries"]]
             theirs = [(v, d, s, e, t) for v, d, (s, e), t in (x["raw"] for x in dump[split])]
@@ -445,7 +447,7 @@ def compare(fmt: str, dump: dict, work: Path, checks: Checks) -> None:
             bad_f, bad_f64, bad_w = [], [], []
             for x in dump[split]:
                 vid, sentence = x["raw"][0], x["raw"][3]
-                if not _close(x["feat"], average_to_clips(raw[vid], CNM_FRAMES)):
+                if vid not in model_input[split] or not _close(x["feat"], model_input[split][vid]):
                     bad_f.append(vid)
                 if not _close(x["feat"], _average_float64_edges(raw[vid], CNM_FRAMES)):
                     bad_f64.append(vid)
@@ -455,15 +457,28 @@ def compare(fmt: str, dump: dict, work: Path, checks: Checks) -> None:
                     bad_w.append(sentence)
             checks.add(fmt, f"{split}: frames = exported rows, {CNM_FRAMES} bins with float64 edges", not bad_f64,
                        f"differ: {bad_f64}")
-            checks.add(fmt, f"{split}: frames = vmr average_to_clips (vmr's CNM input)", not bad_f,
-                       f"differ: {bad_f} (vmr rounds float32 bin edges as MMN; CNM computes them in float64)")
+            checks.add(fmt, f"{split}: frames = vmr's CNM dataset items (its model's input)", not bad_f,
+                       f"differ: {bad_f}")
             checks.add(fmt, f"{split}: word ids and GloVe vectors", not bad_w, f"differ: {bad_w}")
 
 
+def vmr_cnm_frames(params_path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{split: {vid: frames}} as vmr's CNM model gets them: its own dataset items at CNM_FRAMES frames."""
+    from models import MODELS
+    from pipeline.core.params import load_params
+    from stages.train import data_context
+
+    params = load_params(params_path, overrides=[f"model.cnm.max_num_frames={CNM_FRAMES}"], registries=[MODELS])
+    data = data_context(params, "cnm")
+    model = MODELS.get("cnm")(MODELS.config(params, "cnm"), data)
+    return {split: {item["vid"]: item["frames_feat"] for item in model.build_dataset(split, data, train=False)}
+            for split in data.splits}
+
+
 def _average_float64_edges(x: np.ndarray, num_clips: int) -> np.ndarray:
-    """The resampling with bin edges round(j * T / N) computed in float64 (CNM's numpy arithmetic);
-    vmr's `average_to_clips` computes them in float32 as MMN's torch code, which rounds some .5 cases
-    the other way (e.g. T=180, N=200: bins 35 and 115)."""
+    """The resampling with bin edges round(j * T / N) computed in numpy float64 (CNM's arithmetic),
+    written out here independently of vmr's `average_to_clips`; float32 edges (MMN's torch code) round
+    some .5 cases the other way (e.g. T=180, N=200: bins 35 and 115)."""
     edges = np.round(np.arange(num_clips + 1) / num_clips * len(x)).astype(np.int64).clip(max=len(x) - 1)
     return np.stack([x[s:e].mean(0) if s < e else x[s] for s, e in zip(edges[:-1], edges[1:], strict=True)])
 

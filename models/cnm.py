@@ -441,8 +441,10 @@ class CNMItems(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
-        # CNM reads the raw features (no L2 norm) and bin-averages them to exactly num_frames rows
-        frames = load_video([self.features], item["vid"], l2norm=False, num_clips=self.num_frames)
+        # CNM reads the raw features (no L2 norm) and bin-averages them to exactly num_frames rows, with
+        # bin edges computed by numpy in float64 (minghangz/cnm datasets/base.py `_sample_frame_features`)
+        frames = load_video([self.features], item["vid"], l2norm=False, num_clips=self.num_frames,
+                            edges_dtype="float64")
         return {**item, "frames_feat": frames}
 
 

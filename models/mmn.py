@@ -114,7 +114,8 @@ class VideoSentences(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         v = self.videos[i]
-        feats = load_video(self.files, v["vid"], l2norm=self.cfg.l2norm, num_clips=self.cfg.num_pre_clips)
+        feats = load_video(self.files, v["vid"], l2norm=self.cfg.l2norm, num_clips=self.cfg.num_pre_clips,
+                           edges_dtype="float32")  # avgfeats: torch float32 bin edges
         return {**v, "feats": torch.from_numpy(feats)}
 
 

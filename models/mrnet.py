@@ -642,7 +642,8 @@ class VideoQueries(Dataset):
         # positions of the same queries in the other order, for reporting both at test time
         other = query_order([q.moment for q in queries], [q.sentence for q in queries], OTHER_ORDER[self.order])
         duration = float(queries[0].duration)
-        feats = load_video([self.video_file], vid, l2norm=True, num_clips=cfg.num_pre_clips)
+        feats = load_video([self.video_file], vid, l2norm=True, num_clips=cfg.num_pre_clips,
+                           edges_dtype="float32")  # MMN's avgfeats: torch float32 bin edges
         moments = torch.tensor([q.moment for q in queries], dtype=torch.float32)
         return {
             "vid": vid,

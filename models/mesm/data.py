@@ -70,7 +70,8 @@ class MesmVideoDataset(torch.utils.data.Dataset):
         """MESM's frames (see the module docstring); `standardize` is this project's option."""
         cfg = self.cfg
         x = load_video(self.files, vid, truncate=cfg.max_video_l if self.qvh else None, l2norm=cfg.normalize_video,
-                       standardize=self.standardize, max_len=cfg.max_video_l, tef=cfg.use_tef)
+                       standardize=self.standardize, max_len=cfg.max_video_l, tef=cfg.use_tef,
+                       edges_dtype="float32")  # sample_video_feat: torch float32 bin edges
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
     def _frames(self, q, length: int) -> tuple[int, int]:

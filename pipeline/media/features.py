@@ -10,9 +10,10 @@ conventions, composed in this order by `load_video`:
     concat       several files concatenated along channels after truncating to the shortest (MESM C+SF)
     standardize  (x - mean) / std per channel, with statistics from `feature_statistics` (an option
                  of this project for MESM, off in every published config)
-    clips        resampling to exactly N clips by averaging bins `round(linspace(0, T, N+1))`, bounds
+    clips        resampling to exactly N clips by averaging bins `round(k / N * T)`, k = 0..N, bounds
                  clamped to T-1 (MMN `avgfeats`, CNM `max_num_frames`); short videos repeat rows.
                  Quirk kept: the last source row is only used by an otherwise empty last bin.
+                 `edges_dtype` is the precision of k / N * T, which decides some exact halves (below).
     max_len      MESM's cap: the same resampling, only when T > max_len (MESM `sample_video_feat`)
     tef          MESM's temporal endpoint feature [i/L, (i+1)/L] appended to every row
 
@@ -92,15 +93,32 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return (x / np.maximum(norm, eps)).astype(np.float32)
 
 
-def _bin_edges(num_src: int, num_out: int) -> np.ndarray:
-    # float32 arithmetic and round-half-even, exactly as torch.arange(...)/N*T then .round()
-    edges = torch.arange(0, num_out + 1, 1.0) / num_out * num_src
+# Every seed's bin edges are round-half-even(k / N * T), k = 0..N, clamped to T-1; they differ only in the
+# precision of k / N * T, which decides the cases near an exact half (T=180, N=200, k=35: 31.5 in float32,
+# rounded to 32; 31.499999999999996 in float64, rounded to 31). The two conventions disagree for 77 of
+# T = 2..999 at N = 200, none at N = 32, 128, 256 or 512.
+EDGES_DTYPES = {
+    "float32": torch.float32,  # torch float32: MMN `avgfeats`, MRNet (MMN's utils), MESM `sample_video_feat`
+    "float64": torch.float64,  # numpy float64: CNM `_sample_frame_features`
+}
+
+
+def bin_edges(num_src: int, num_out: int, edges_dtype: str = "float32") -> np.ndarray:
+    """The N + 1 bin edges of `average_to_clips` (int64): bin k averages rows [edges[k], edges[k+1])."""
+    if edges_dtype not in EDGES_DTYPES:
+        raise ValueError(f"edges_dtype must be one of {sorted(EDGES_DTYPES)}, got {edges_dtype!r}")
+    # torch in both precisions: IEEE division and product give numpy's float64 result bit for bit
+    edges = torch.arange(0, num_out + 1, dtype=EDGES_DTYPES[edges_dtype]) / num_out * num_src
     return edges.round().long().clamp(max=num_src - 1).numpy()
 
 
-def average_to_clips(x: np.ndarray, num_clips: int) -> np.ndarray:
-    """MMN `avgfeats` / CNM / MESM resampling: (T, D) -> (num_clips, D), bins clamped to T-1."""
-    edges = _bin_edges(len(x), num_clips)
+def average_to_clips(x: np.ndarray, num_clips: int, edges_dtype: str = "float32") -> np.ndarray:
+    """MMN `avgfeats` / CNM / MESM resampling: (T, D) -> (num_clips, D), bins clamped to T-1.
+
+    `edges_dtype` is the seed's precision of the bin edges (`EDGES_DTYPES`): "float32" for MMN,
+    MRNet and MESM, "float64" for CNM.
+    """
+    edges = bin_edges(len(x), num_clips, edges_dtype)
     out = np.empty((num_clips, x.shape[1]), dtype=np.float32)
     for k in range(num_clips):
         s, e = edges[k], edges[k + 1]
@@ -108,13 +126,13 @@ def average_to_clips(x: np.ndarray, num_clips: int) -> np.ndarray:
     return out
 
 
-def cap_length(x: np.ndarray, max_len: int) -> np.ndarray:
+def cap_length(x: np.ndarray, max_len: int, edges_dtype: str = "float32") -> np.ndarray:
     """MESM `sample_video_feat`: `average_to_clips(x, max_len)` only when longer than max_len.
 
     MESM clamps the bin edges to T-1 here too (lntzm/MESM dataset/base.py:104), so the last row
     of a pooled video is left out of the last bin, as in `average_to_clips`.
     """
-    return x if len(x) <= max_len else average_to_clips(x, max_len)
+    return x if len(x) <= max_len else average_to_clips(x, max_len, edges_dtype)
 
 
 def concat_truncated(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -141,10 +159,12 @@ def load_video(
     num_clips: int | None = None,
     max_len: int | None = None,
     tef: bool = False,
+    edges_dtype: str = "float32",
 ) -> np.ndarray:
     """One video's features with the named conventions (see the module docstring for the order).
 
-    `standardize` is the (mean, std) pair of `feature_statistics`, over the concatenated channels.
+    `standardize` is the (mean, std) pair of `feature_statistics`, over the concatenated channels;
+    `edges_dtype` the precision of the `num_clips` / `max_len` bin edges (`EDGES_DTYPES`).
     """
     arrays = [f[vid] for f in files]
     if truncate is not None:
@@ -156,9 +176,9 @@ def load_video(
         mean, std = standardize
         x = (x - mean) / std
     if num_clips is not None:
-        x = average_to_clips(x, num_clips)
+        x = average_to_clips(x, num_clips, edges_dtype)
     if max_len is not None:
-        x = cap_length(x, max_len)
+        x = cap_length(x, max_len, edges_dtype)
     if tef:
         x = add_tef(x)
     return x

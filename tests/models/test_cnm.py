@@ -441,9 +441,31 @@ def test_dataset_items_carry_no_timestamp_and_resample_frames(tmp_path):
     assert set(item) == {"qid", "vid", "duration", "words_id", "words_feat", "pos_weights", "frames_feat"}
     assert item["frames_feat"].shape == (8, 6)
     with h5py.File(tmp_path / "clip.h5") as h5:
-        assert np.allclose(item["frames_feat"], average_to_clips(h5[item["vid"]][()], 8))
+        assert np.allclose(item["frames_feat"], average_to_clips(h5[item["vid"]][()], 8, "float64"))
     # "the red circle moves left." -> all five words plus "." are in the vocabulary
     assert len(item["words_id"]) == 6 and item["words_feat"].shape == (7, 300)
+
+
+def official_cnm_frames(frames: np.ndarray, num_clips: int) -> np.ndarray:
+    """CNM's resampling as minghangz/cnm datasets/base.py:24-37 (`_sample_frame_features`) computes it:
+    numpy float64 bin edges, clamped by masking, bin means or the start row for an empty bin."""
+    idx = np.round(np.arange(0, num_clips + 1) / num_clips * len(frames)).astype(np.int64)
+    idx[idx >= len(frames)] = len(frames) - 1
+    return np.stack([frames[s:e].mean(axis=0) if s < e else frames[s] for s, e in zip(idx[:-1], idx[1:], strict=True)])
+
+
+def test_dataset_items_resample_with_cnms_float64_bin_edges(tmp_path):
+    data = write_tiny_dataset(tmp_path)
+    # T = 45 at 200 frames is a length where float32 edges (MMN's avgfeats) pick a different row for bin 140
+    long = np.random.default_rng(3).normal(size=(45, 6)).astype(np.float32)
+    with h5py.File(tmp_path / "clip.h5", "a") as h5:
+        del h5["tr0"]
+        h5["tr0"] = long
+    model = CNM(CNMConfig(**{**TINY, "max_num_frames": 200}), data)
+    items = model.build_dataset("train", data, train=True)
+    frames = next(items[i]["frames_feat"] for i in range(len(items)) if items[i]["vid"] == "tr0")
+    np.testing.assert_array_equal(frames, official_cnm_frames(long, 200))
+    assert not np.array_equal(frames, average_to_clips(long, 200))  # the float32 convention differs here
 
 
 def test_a_query_without_known_words_is_an_error_naming_it(tmp_path):

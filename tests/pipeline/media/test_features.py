@@ -13,6 +13,7 @@ from pipeline.media.features import (
     FeatureFile,
     add_tef,
     average_to_clips,
+    bin_edges,
     cap_length,
     concat_truncated,
     feature_statistics,
@@ -45,6 +46,58 @@ def test_cap_length_pools_only_long_videos_with_clamped_bins():
     # sample_video_feat does: the last bin is [4, 5), so the last row (5) is left out
     np.testing.assert_allclose(cap_length(x, 4)[:, 0], [0.5, 2.0, 3.0, 4.0])
     np.testing.assert_array_equal(cap_length(x, 4), average_to_clips(x, 4))
+
+
+# The official bin-edge formulas, evaluated with the library calls each seed's code makes:
+#   torch float32 -- MCG-NJU/MMN mmn/data/datasets/utils.py:53-54 (avgfeats), the same lines in
+#                    xian-sh/MRNet ret/data/datasets/utils.py, lntzm/MESM dataset/base.py:103-104
+#   numpy float64 -- minghangz/cnm datasets/base.py:26-28 (_sample_frame_features; clamps by masking)
+def official_edges_torch_float32(num_src: int, num_out: int) -> np.ndarray:
+    idxs = torch.arange(0, num_out + 1, 1.0) / num_out * num_src
+    return idxs.round().long().clamp(max=num_src - 1).numpy()
+
+
+def official_edges_numpy_float64(num_src: int, num_out: int) -> np.ndarray:
+    idx = np.round(np.arange(0, num_out + 1) / num_out * num_src).astype(np.int64)
+    idx[idx >= num_src] = num_src - 1
+    return idx
+
+
+# the seeds' clip counts in their published configs: MMN 32/256, MRNet 128/256/512, MESM's cap 75/194/600,
+# CNM 200 (Charades and ActivityNet)
+@pytest.mark.parametrize(("edges_dtype", "official", "clip_counts"), [
+    ("float32", official_edges_torch_float32, (32, 75, 128, 194, 200, 256, 512, 600)),
+    ("float64", official_edges_numpy_float64, (200, 32, 256)),
+])
+def test_bin_edges_equal_each_seeds_official_formula(edges_dtype, official, clip_counts):
+    for n in clip_counts:
+        for t in range(2, 1000):
+            np.testing.assert_array_equal(bin_edges(t, n, edges_dtype), official(t, n), err_msg=f"T={t} N={n}")
+    # and average_to_clips averages exactly those bins (a few lengths: the averaging loop is slow)
+    x = np.random.default_rng(0).normal(size=(999, 3)).astype(np.float32)
+    for t in (45, 180, 999):
+        edges = official(t, clip_counts[0])
+        expected = [x[s:e].mean(0) if s < e else x[s] for s, e in zip(edges[:-1], edges[1:], strict=True)]
+        np.testing.assert_array_equal(average_to_clips(x[:t], clip_counts[0], edges_dtype), np.stack(expected))
+
+
+def test_the_two_edge_precisions_differ_at_cnms_clip_count(tmp_path):
+    # the reason the precision is an option: at N = 200 the conventions disagree for 77 of T = 2..999
+    differ = [t for t in range(2, 1000) if not np.array_equal(official_edges_torch_float32(t, 200),
+                                                              official_edges_numpy_float64(t, 200))]
+    assert len(differ) == 77 and differ[:3] == [45, 50, 60]
+    x = np.arange(180, dtype=np.float32)[:, None]
+    # T = 180: edge 35 is 35/200*180, exactly 31.5 in float32 (-> 32) but 31.499999999999996 in float64
+    # (-> 31), so bin 35 is the empty [32, 32) -> row 32, or [31, 32) -> row 31
+    assert average_to_clips(x, 200)[35, 0] == 32.0 and average_to_clips(x, 200, "float64")[35, 0] == 31.0
+    # load_video passes the option on to both resamplings (the precisions also differ at T=180, N=120)
+    ff = write_h5(tmp_path / "f.h5", {"v": x})
+    for option in ({"num_clips": 200}, {"max_len": 120}):
+        got = load_video([ff], "v", l2norm=False, edges_dtype="float64", **option)
+        np.testing.assert_array_equal(got, average_to_clips(x, next(iter(option.values())), "float64"))
+        assert not np.array_equal(got, load_video([ff], "v", l2norm=False, **option))
+    with pytest.raises(ValueError, match="edges_dtype must be one of"):
+        average_to_clips(x, 200, "float16")
 
 
 def test_concat_truncates_to_the_shortest_and_tef_marks_positions():
