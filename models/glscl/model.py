@@ -366,7 +366,8 @@ class GLSCL(RetrievalModel):
 
     def encode_text(self, batch: dict) -> dict:
         tokens, eot = self.encode_text_tokens(batch["ids"], batch["mask"])
-        return {"qid": list(batch["qid"]), "vid": list(batch["vid"]), "text": list(batch["text"]),
+        texts = {"text": list(batch["text"])} if "text" in batch else {}  # the dataset's batches carry it
+        return {"qid": list(batch["qid"]), "vid": list(batch["vid"]), **texts,
                 "emb": (eot, self.local_concepts(tokens, batch["mask"], "text"))}
 
     def encode_video(self, batch: dict) -> dict:
