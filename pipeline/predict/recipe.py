@@ -49,6 +49,7 @@ class FeatureRecipe:
     decode_backend: str = "pyav"
     merge: dict[str, Any] = dataclasses.field(default_factory=dict)  # dtype, compression, layout
     pca: PCAStep | None = None
+    path: Path | None = None  # the training feature file, found here (GLSCL's search reads its train rows)
 
 
 @dataclasses.dataclass
@@ -78,7 +79,7 @@ class Recipe:
 
     def digest(self) -> str:
         """What the cached features of a video depend on (the cache key, with the video's sha256)."""
-        parts = [dataclasses.asdict(f) | {"pca": None if f.pca is None else {
+        parts = [dataclasses.asdict(f) | {"path": None, "pca": None if f.pca is None else {
             "source": sha256_file(f.pca.source_file), "fit": f.pca.fit_videos, "k": f.pca.components}}
             for f in self.features]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -96,9 +97,12 @@ def locate(recorded: str | os.PathLike, anchor: Path) -> Path | None:
     return None
 
 
-def read_recipe(checkpoint: Path, model: str | None = None) -> Recipe:
+def read_recipe(checkpoint: Path, model: str | None = None, fallback: dict[str, FeatureRecipe] | None = None) -> Recipe:
     """The recipe of `checkpoint` (see the module docstring). Raises `ValueError` only where there is
-    nothing to read: no record next to the checkpoint, or a checkpoint of another model."""
+    nothing to read: no record next to the checkpoint, or a checkpoint of another model.
+
+    `fallback` {feature file name: recipe} (the CLI: the extractor configs of params.yaml) stands in
+    for a feature file whose recipe cannot be read; using it is itself a mismatch."""
     checkpoint = Path(checkpoint)
     record = read_record(checkpoint)
     if record is None:
@@ -124,6 +128,10 @@ def read_recipe(checkpoint: Path, model: str | None = None) -> Recipe:
     features = []
     for name in needs.features:
         found = _feature_recipe(name, inputs.get(f"features.{name}"), checkpoint, dataset, mismatches, notes)
+        if found is None and fallback and name in fallback:
+            found = fallback[name]
+            mismatches.append(f"feature file '{name}': extracting with the '{found.extractor}' settings of "
+                              "the current params instead of the unknown training recipe")
         if found is not None:
             features.append(found)
     query = None
@@ -220,6 +228,7 @@ def _feature_recipe(name: str, entry: dict | None, anchor: Path, dataset: dict |
         decode_backend=_decode_backend(record, anchor, notes),
         merge={k: v for k, v in (record.get("params", {}).get("merge") or {}).items()
                if k in ("dtype", "compression", "layout")},
+        path=path,
     )
 
 
