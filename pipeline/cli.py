@@ -408,6 +408,7 @@ def predict(
     """
     from pipeline.predict import Predictor
     from pipeline.predict.output import output_format, render, render_html
+    from pipeline.predict.predictor import check_queries
     from pipeline.predict.queries import AskedQuery, assign, read_query_file
 
     p = _params(params, set_, profile)
@@ -417,6 +418,7 @@ def predict(
         _fail("give the queries with --query TEXT (repeatable) or --queries FILE, not both")
     fmt = output_format(out) if out else "json"  # a bad suffix fails before any work
     asked = read_query_file(queries) if queries else [AskedQuery(q) for q in query]
+    check_queries([q.text for q in asked])
     jobs = assign(asked, _videos(videos))
     predictor = Predictor.from_checkpoint(
         checkpoint or Path(p.trainer.out_dir) / model / "best.pt", allow_recipe_mismatch=allow_recipe_mismatch,
@@ -460,6 +462,7 @@ def search(
     """
     from pipeline.predict import Predictor
     from pipeline.predict.output import output_format, render
+    from pipeline.predict.predictor import check_queries
 
     p = _params(params, set_, profile)
     if model not in MODELS:
@@ -467,6 +470,7 @@ def search(
     fmt = output_format(out) if out else "json"
     if fmt == "srt":
         _fail("--out: search results have no times; use .json, .jsonl or .csv")
+    check_queries([query])
     found = _videos(videos)
     predictor = Predictor.from_checkpoint(
         checkpoint or Path(p.trainer.out_dir) / model / "best.pt", allow_recipe_mismatch=allow_recipe_mismatch,

@@ -92,9 +92,10 @@ class Predictor:
             log(f"WARNING: recipe mismatch, overridden: {m}")
         for note in recipe.notes:
             log(f"note: {note}")
-        if not recipe.features:
-            raise RecipeMismatch(f"{recipe.checkpoint}: no feature recipe could be read, so none can be "
-                                 "reproduced, even with --allow-recipe-mismatch")
+        if recipe.missing:
+            raise RecipeMismatch(f"{recipe.checkpoint}: no usable recipe for the feature file(s) {recipe.missing} "
+                                 "(" + "; ".join(recipe.mismatches) + "), and no extractor settings to use "
+                                 "instead: nothing to extract with, even with --allow-recipe-mismatch")
         self.recipe = recipe
         self.cls = MODELS.get(recipe.model)
         self.device = resolve_device(device)

@@ -75,6 +75,7 @@ class Recipe:
     query: QueryRecipe | None
     vocab_dir: Path | None
     mismatches: list[str]  # what cannot be reproduced (the Predictor refuses unless told otherwise)
+    missing: list[str]  # feature files with no usable recipe at all (nothing to extract with)
     notes: list[str]  # what was assumed (logged)
 
     def digest(self) -> str:
@@ -125,7 +126,7 @@ def read_recipe(checkpoint: Path, model: str | None = None, fallback: dict[str, 
     cls = MODELS.get(kind)
     cfg = cls.Config.model_validate(record.get("model_config", {}))
     needs = cls.needs(cfg, None if dataset is None else _dataset_params(dataset))
-    features = []
+    features, missing = [], []
     for name in needs.features:
         found = _feature_recipe(name, inputs.get(f"features.{name}"), checkpoint, dataset, mismatches, notes)
         if found is None and fallback and name in fallback:
@@ -134,6 +135,8 @@ def read_recipe(checkpoint: Path, model: str | None = None, fallback: dict[str, 
                               "the current params instead of the unknown training recipe")
         if found is not None:
             features.append(found)
+        else:
+            missing.append(name)
     query = None
     if needs.query_features is not None:
         query = _query_recipe(needs.query_features.name, inputs.get(f"features.{needs.query_features.name}"),
@@ -147,7 +150,7 @@ def read_recipe(checkpoint: Path, model: str | None = None, fallback: dict[str, 
     return Recipe(model=kind, checkpoint=checkpoint, checkpoint_sha256=sha256_file(checkpoint),
                   model_config=record.get("model_config", {}), dataset=dataset or {},
                   seed=_seed(params, cfg), features=features, query=query, vocab_dir=vocab_dir,
-                  mismatches=mismatches, notes=notes)
+                  mismatches=mismatches, missing=missing, notes=notes)
 
 
 def _seed(params: dict, cfg: Any) -> int:
@@ -221,7 +224,8 @@ def _feature_recipe(name: str, entry: dict | None, anchor: Path, dataset: dict |
     feature = described["name"]
     weights = (record.get("weights") or {}).get(feature, "unknown")
     config = dict(described.get("config", {}))
-    _check_weights(feature, config, weights, mismatches)
+    if not _check_weights(feature, config, weights, mismatches):
+        return None
     return FeatureRecipe(
         name=name, extractor=feature, config=config,
         protocol_key=_protocol_key(described.get("protocol")), weights=weights,
@@ -232,21 +236,24 @@ def _feature_recipe(name: str, entry: dict | None, anchor: Path, dataset: dict |
     )
 
 
-def _check_weights(feature: str, config: dict, weights: str, mismatches: list[str]) -> None:
+def _check_weights(feature: str, config: dict, weights: str, mismatches: list[str]) -> bool:
+    """Whether the recorded weights can be loaded here (a mismatch is listed when they differ)."""
     if weights == "random":
-        return
+        return True
     if weights == "unknown":
         mismatches.append(f"the '{feature}' features record no weights digest")
-        return
+        return True
     file = config.get("weights")
     if not file or not Path(file).is_file():
         mismatches.append(f"the '{feature}' features were extracted with weights of sha256 {weights}; "
                           f"that weights file ({file or 'no path recorded'}) is not on this machine")
-        return
+        return False
     digest = sha256_file(file)
     if digest != weights:
         mismatches.append(f"extractors.{feature}.weights {file}: sha256 {digest} differs from the {weights} "
                           "the training features were extracted with")
+        config["weights_sha256"] = None  # overridden: the file here is used as it is
+    return True
 
 
 def _protocol_key(protocol: dict | None) -> str | None:
