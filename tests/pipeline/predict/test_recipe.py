@@ -142,3 +142,56 @@ def test_cli_refuses_with_one_message_and_writes_nothing(tmp_path, case, args, m
     assert message in result.output
     assert result.output.count("error:") == 1 and "Traceback" not in result.output
     assert not out.exists() and not (tmp_path / "o.txt").exists()
+
+
+def test_a_pca_recipe_reproduces_the_feature_pca_stage(tmp_path, monkeypatch):
+    """MRNet on PCA-reduced features: the recipe follows feature_pca back to its source and fit split,
+    and the refitted PCA gives the stage's own rows for a video."""
+    import torch
+
+    from pipeline.media.feature_pca import apply_pca
+    from pipeline.media.features import FeatureFile
+    from pipeline.predict.features import FeatureCache
+    from stages import feature_pca as stage
+
+    monkeypatch.chdir(tmp_path)
+    params = pca_params(tmp_path)
+    with h5py.File(tmp_path / "features" / "c3d.h5", "a") as h5:  # as if merged here from extracted C3D
+        described = EXTRACTORS.get("c3d")().describe()
+        h5.attrs["provenance"] = json.dumps({"stage": "merge-c3d", "params": {}, "inputs": {},
+                                             "extractor": described, "weights": {"c3d": "random"}})
+    stage.run(params, source="params.yaml", model="mrnet")
+    reduced = tmp_path / "features" / "c3d_pca4.h5"
+    best = tmp_path / "runs" / "mrnet" / "best.pt"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(b"x")
+    write_record(best, {"stage": "train-mrnet", "params": {"seed": 0, "dataset": params.dataset.model_dump()},
+                        "inputs": {"features.c3d_pca4": {"path": str(reduced), "sha256": sha256_file(reduced)}},
+                        "model_config": params.model["mrnet"]})
+    recipe = read_recipe(best)
+    (feature,) = recipe.features
+    assert feature.name == "c3d_pca4" and feature.extractor == "c3d"
+    assert feature.pca.fit_videos == ["A", "B"] and feature.pca.components == 4
+    mean, components = FeatureCache(recipe, tmp_path / "cache", torch.device("cpu"))._pca_basis(feature)
+    ours = apply_pca(FeatureFile(tmp_path / "features" / "c3d.h5")["C"], mean, components)
+    np.testing.assert_allclose(ours, FeatureFile(reduced)["C"], atol=1e-5)
+
+
+def pca_params(root: Path):
+    """Three videos of 12-d features; A and B train (the PCA's fit set), C test."""
+    from pipeline.core.params import Params
+
+    rng = np.random.default_rng(0)
+    (root / "features").mkdir(exist_ok=True)
+    with h5py.File(root / "features" / "c3d.h5", "w") as f:
+        for vid in ("A", "B", "C"):
+            f.create_dataset(vid, data=rng.standard_normal((8, 12)).astype(np.float32) + (vid == "C") * 3)
+    (root / "train.txt").write_text("A 0.0 2.0##x\nB 1.0 3.0##y\n")
+    (root / "test.txt").write_text("C 0.0 2.0##z\n")
+    (root / "len.csv").write_text("id,length\nA,8\nB,8\nC,8\n")
+    return Params.model_validate({
+        "dataset": {"name": "toy", "splits": {"train": str(root / "train.txt"), "test": str(root / "test.txt")},
+                    "durations": [str(root / "len.csv")], "video_captions": None},
+        "merge": {"out_dir": str(root / "features")},
+        "model": {"mrnet": {"feature": "c3d_pca4", "video_pca": {"source": "c3d", "components": 4}}},
+    })
