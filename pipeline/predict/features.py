@@ -1,7 +1,7 @@
 """Features of new videos, made with a checkpoint's recipe by the pipeline's own decode, extract and
 merge code, and cached per video by content.
 
-A cache entry is `<cache_dir>/<recipe digest>/<video sha256>/`: `<feature>.h5` per feature file the
+A cache entry is `<cache_dir>/<recipe digest>-<device type>/<video sha256>/`: `<feature>.h5` per feature file the
 model reads (a merged HDF5 of the one video, with its merge record), and `video.json` (the id inside
 the files, the duration, how it was made). Entries are built in a temporary directory and renamed
 into place, so a killed run leaves no half entry. The frames are decoded into a temporary frame
@@ -70,7 +70,8 @@ class FeatureCache:
 
     def __init__(self, recipe: Recipe, cache_dir: Path, device: torch.device):
         self.recipe = recipe
-        self.root = Path(cache_dir) / recipe.digest()
+        # CPU and GPU (AMP) features differ in the last bits: one cache per device type
+        self.root = Path(cache_dir) / f"{recipe.digest}-{device.type}"
         self.device = device
         self.counters = Counters()
         self._models: dict[str, tuple[Any, torch.nn.Module, str]] = {}  # extractor name -> (extractor, model, weights)
@@ -145,7 +146,7 @@ class FeatureCache:
                     self._extract_one(f, extractors[f.extractor], store, vid, work, entry_tmp)
                 duration = float(record.get("duration") or record.get("stream_duration") or 0.0)
                 write_json(entry_tmp / ENTRY_RECORD, {"video_id": vid, "duration": duration, "sha256": sha,
-                                                      "file": path.name, "recipe": self.recipe.digest(),
+                                                      "file": path.name, "recipe": self.recipe.digest,
                                                       "decode": {k: record.get(k) for k in ("decoder", "codec",
                                                                                               "native_fps")}})
                 entry = self.root / sha

@@ -99,6 +99,10 @@ class Predictor:
         self.recipe = recipe
         self.cls = MODELS.get(recipe.model)
         self.device = resolve_device(device)
+        for f in recipe.features:
+            if f.device_type and f.device_type != self.device.type:
+                log(f"note: the training '{f.name}' features were extracted on {f.device_type}, these on "
+                    f"{self.device.type}: expect differences in the last bits (AMP, kernels)")
         self.cache = FeatureCache(recipe, Path(cache_dir) if cache_dir else default_cache_dir(), self.device)
         self._scratch = Path(tempfile.mkdtemp(prefix="vmr-predict-"))
         self._finalizer = weakref.finalize(self, shutil.rmtree, self._scratch, True)

@@ -16,6 +16,7 @@ lineage` prints, read here as data.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -50,6 +51,7 @@ class FeatureRecipe:
     merge: dict[str, Any] = dataclasses.field(default_factory=dict)  # dtype, compression, layout
     pca: PCAStep | None = None
     path: Path | None = None  # the training feature file, found here (GLSCL's search reads its train rows)
+    device_type: str | None = None  # where the training features were extracted ("cpu", "cuda"), if recorded
 
 
 @dataclasses.dataclass
@@ -78,9 +80,10 @@ class Recipe:
     missing: list[str]  # feature files with no usable recipe at all (nothing to extract with)
     notes: list[str]  # what was assumed (logged)
 
+    @functools.cached_property
     def digest(self) -> str:
         """What the cached features of a video depend on (the cache key, with the video's sha256)."""
-        parts = [dataclasses.asdict(f) | {"path": None, "pca": None if f.pca is None else {
+        parts = [dataclasses.asdict(f) | {"path": None, "device_type": None, "pca": None if f.pca is None else {
             "source": sha256_file(f.pca.source_file), "fit": f.pca.fit_videos, "k": f.pca.components}}
             for f in self.features]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -230,6 +233,7 @@ def _feature_recipe(name: str, entry: dict | None, anchor: Path, dataset: dict |
         name=name, extractor=feature, config=config,
         protocol_key=_protocol_key(described.get("protocol")), weights=weights,
         decode_backend=_decode_backend(record, anchor, notes),
+        device_type=_extract_record(record, anchor).get("device_type"),
         merge={k: v for k, v in (record.get("params", {}).get("merge") or {}).items()
                if k in ("dtype", "compression", "layout")},
         path=path,
@@ -267,11 +271,15 @@ def _protocol_key(protocol: dict | None) -> str | None:
         return None
 
 
+def _extract_record(merge_record: dict, anchor: Path) -> dict:
+    """The extract record of a merged file's per-video directory ({} when it is gone)."""
+    npy = (merge_record.get("inputs") or {}).get("features")
+    return (read_record(p) if npy and (p := locate(npy["path"], anchor)) else None) or {}
+
+
 def _decode_backend(merge_record: dict, anchor: Path, notes: list[str]) -> str:
     """The decode backend, from the decode record two steps up (merge -> extract -> decode)."""
-    npy = (merge_record.get("inputs") or {}).get("features")
-    extract_record = read_record(p) if npy and (p := locate(npy["path"], anchor)) else None
-    frames = ((extract_record or {}).get("inputs") or {}).get("frames")
+    frames = (_extract_record(merge_record, anchor).get("inputs") or {}).get("frames")
     decode_record = read_record(p) if frames and (p := locate(frames["path"], anchor)) else None
     backend = (((decode_record or {}).get("params") or {}).get("decode") or {}).get("backend")
     if backend is None:
