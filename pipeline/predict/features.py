@@ -150,10 +150,12 @@ class FeatureCache:
                                                       "decode": {k: record.get(k) for k in ("decoder", "codec",
                                                                                               "native_fps")}})
                 entry = self.root / sha
-                if entry.exists():  # made meanwhile by another process: same inputs, same bytes
-                    shutil.rmtree(entry_tmp)
-                else:
-                    os.replace(entry_tmp, entry)
+                try:
+                    os.rename(entry_tmp, entry)  # atomic; fails when the entry exists
+                except OSError:
+                    if not (entry / ENTRY_RECORD).is_file():
+                        raise
+                    # made meanwhile by another process from the same inputs: keep that one
                 self.counters.extracted += 1
                 out[sha] = CachedVideo(path, sha, vid, duration, entry)
             return out
