@@ -24,7 +24,7 @@ import torch
 from extractors import EXTRACTORS
 from pipeline.core.atomic import atomic_path, write_json
 from pipeline.core.errors import VmrError
-from pipeline.core.progress import log
+from pipeline.core.progress import log, make_progress, track
 from pipeline.core.provenance import sha256_file
 from pipeline.media.decode import decode_all
 from pipeline.media.extract import extract_videos
@@ -130,14 +130,16 @@ class FeatureCache:
                 by_backend.setdefault(f.decode_backend, []).append(f)
             for backend, recipes in by_backend.items():
                 protocols = [extractors[f.extractor][0].protocol() for f in recipes]
-                summary = decode_all({ids[sha]: path for sha, path in videos.items()}, store.root, protocols,
-                                     workers=1, backend=backend)
+                with make_progress() as progress:
+                    bar = progress.add_task(f"decode ({backend})", total=len(videos))
+                    summary = decode_all({ids[sha]: path for sha, path in videos.items()}, store.root, protocols,
+                                         workers=1, backend=backend, on_result=lambda *_, bar=bar: progress.advance(bar))
                 self.counters.decoded += summary.decoded
                 if summary.failed:
                     sha = next(s for s in videos if ids[s] in summary.failed)
                     raise VideoError(f"{videos[sha]}: cannot decode the video: {summary.failed[ids[sha]]}")
             out = {}
-            for sha, path in videos.items():
+            for sha, path in track(videos.items(), "extract"):
                 vid = ids[sha]
                 record = store.read_record(vid) or {}
                 entry_tmp = work / f"entry-{sha}"
