@@ -21,6 +21,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import h5py
 import torch
 
 from models import MODELS
@@ -93,9 +94,9 @@ class Predictor:
         for note in recipe.notes:
             log(f"note: {note}")
         if recipe.missing:
-            raise RecipeMismatch(f"{recipe.checkpoint}: no usable recipe for the feature file(s) {recipe.missing} "
-                                 "(" + "; ".join(recipe.mismatches) + "), and no extractor settings to use "
-                                 "instead: nothing to extract with, even with --allow-recipe-mismatch")
+            raise RecipeMismatch(f"{recipe.checkpoint}: {recipe.missing} cannot be made or found here ("
+                                 + "; ".join(recipe.mismatches) + "), and nothing can stand in for them, "
+                                 "even with --allow-recipe-mismatch")
         self.recipe = recipe
         self.cls = MODELS.get(recipe.model)
         self.device = resolve_device(device)
@@ -246,8 +247,6 @@ class Predictor:
         `encode_text` / `encode_video` / `similarity`). GLSCL reads, besides the split's videos, the
         training videos (the mean frame feature it removes): the split's feature file links to both,
         and the captions file gives each searched video the query as its caption."""
-        import h5py
-
         cfg = self.cls.Config.model_validate(self.recipe.model_config)
         if getattr(cfg, "source", None) != "video_captions" or getattr(cfg, "input", None) != "features":
             raise PredictError(f"search supports retrieval models trained on feature files with captions "

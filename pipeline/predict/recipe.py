@@ -23,7 +23,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from models import MODELS
+from pipeline.core.params import DatasetParams
 from pipeline.core.provenance import read_record, record_path, sha256_file, sha256_path
+from pipeline.media.sampling import SamplingProtocol
+from pipeline.text.annotations import load_dataset_split
 
 # provenance keys a hand-made record may use to say the features were not made here
 FOREIGN_MARKERS = ("published", "imported")
@@ -77,7 +81,7 @@ class Recipe:
     query: QueryRecipe | None
     vocab_dir: Path | None
     mismatches: list[str]  # what cannot be reproduced (the Predictor refuses unless told otherwise)
-    missing: list[str]  # feature files with no usable recipe at all (nothing to extract with)
+    missing: list[str]  # files the model reads that cannot be made or found at all (no override helps)
     notes: list[str]  # what was assumed (logged)
 
     @functools.cached_property
@@ -124,8 +128,6 @@ def read_recipe(checkpoint: Path, model: str | None = None, fallback: dict[str, 
     mismatches: list[str] = []
     notes: list[str] = []
     dataset = _relocated_dataset(params.get("dataset", {}), checkpoint)
-    from models import MODELS
-
     cls = MODELS.get(kind)
     cfg = cls.Config.model_validate(record.get("model_config", {}))
     needs = cls.needs(cfg, None if dataset is None else _dataset_params(dataset))
@@ -142,13 +144,16 @@ def read_recipe(checkpoint: Path, model: str | None = None, fallback: dict[str, 
             missing.append(name)
     query = None
     if needs.query_features is not None:
-        query = _query_recipe(needs.query_features.name, inputs.get(f"features.{needs.query_features.name}"),
-                              checkpoint, mismatches)
+        name = needs.query_features.name
+        query = _query_recipe(name, inputs.get(f"features.{name}"), checkpoint, mismatches)
+        if query is None:
+            missing.append(name)
     vocab_dir = None
     for name in needs.vocab:
-        entry = inputs.get(f"vocab.{name}")
-        path = _checked_input(entry, f"vocab file {name}", checkpoint, mismatches)
-        if path is not None:
+        path = _checked_input(inputs.get(f"vocab.{name}"), f"vocab file {name}", checkpoint, mismatches)
+        if path is None:
+            missing.append(f"vocab/{name}")
+        else:
             vocab_dir = path.parent
     return Recipe(model=kind, checkpoint=checkpoint, checkpoint_sha256=sha256_file(checkpoint),
                   model_config=record.get("model_config", {}), dataset=dataset or {},
@@ -160,9 +165,7 @@ def _seed(params: dict, cfg: Any) -> int:
     return cfg.seed if getattr(cfg, "seed", None) is not None else int(params.get("seed", 0))
 
 
-def _dataset_params(dataset: dict):
-    from pipeline.core.params import DatasetParams
-
+def _dataset_params(dataset: dict) -> DatasetParams:
     return DatasetParams.model_validate(dataset)
 
 
@@ -263,8 +266,6 @@ def _check_weights(feature: str, config: dict, weights: str, mismatches: list[st
 def _protocol_key(protocol: dict | None) -> str | None:
     if not protocol:
         return None
-    from pipeline.media.sampling import SamplingProtocol
-
     try:
         return SamplingProtocol(**protocol).key
     except TypeError:
@@ -305,8 +306,6 @@ def _pca_recipe(name: str, record: dict, anchor: Path, dataset: dict | None,
         split = _checked_input(inputs.get("dataset.splits.train"), "PCA fit split", anchor, mismatches)
         if split is None or dataset is None:
             return None
-        from pipeline.text.annotations import load_dataset_split
-
         fit_videos = sorted(load_dataset_split(_dataset_params({**dataset, "splits": {"train": str(split)}}),
                                                "train").video_ids())
     source_file = locate(inputs[sources[0]]["path"], anchor)
@@ -346,8 +345,6 @@ def _query_recipe(name: str, entry: dict | None, anchor: Path, mismatches: list[
             return None
         _checked_input(record.get("inputs", {}).get("annotations.train"), "query-encoder train split", anchor,
                        mismatches)
-        from pipeline.text.annotations import load_dataset_split
-
         train_sentences = [q.sentence for q in load_dataset_split(_dataset_params(dataset), "train")]
     return QueryRecipe(name=name, encoder=encoder, seed=int(params.get("seed", 0)),
                        train_sentences=train_sentences, weights=weights)

@@ -66,7 +66,7 @@ def test_weights_missing_here_are_refused(tmp_path):
     with pytest.raises(RecipeMismatch, match="weights of sha256 abab.*not on this machine"):
         Predictor.from_checkpoint(best, cache_dir=tmp_path / "cache")
     # overriding cannot extract without the weights, unless settings to use instead are given
-    with pytest.raises(RecipeMismatch, match="nothing to extract with"):
+    with pytest.raises(RecipeMismatch, match="nothing can stand in for them"):
         Predictor.from_checkpoint(best, allow_recipe_mismatch=True, cache_dir=tmp_path / "cache")
     fallback = {"clip": FeatureRecipe("clip", "clip", {}, None, "unknown")}
     p = Predictor.from_checkpoint(best, allow_recipe_mismatch=True, cache_dir=tmp_path / "cache", fallback=fallback)
