@@ -17,6 +17,7 @@ import io
 import json
 import shutil
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,9 @@ class Predictor:
         self._finalizer = weakref.finalize(self, shutil.rmtree, self._scratch, True)
         self._model: tuple[str, Any] | None = None  # (video sha256, model built on its features)
         self._query_encoder = None
+        # one call at a time (a web server may call from several threads): the kept model, the cache
+        # counters and the scratch files are shared
+        self._lock = threading.RLock()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, allow_recipe_mismatch: bool = False, cache_dir: str | Path | None = None,
@@ -156,8 +160,9 @@ class Predictor:
             raise PredictError(f"--top-k must be at least 1, got {top_k}")
         for _, queries in jobs:
             check_queries(queries)
-        videos = self.cache.get([Path(v) for v, _ in jobs])
-        return [self._ground(v, queries, top_k) for v, (_, queries) in zip(videos, jobs, strict=True)]
+        with self._lock:
+            videos = self.cache.get([Path(v) for v, _ in jobs])
+            return [self._ground(v, queries, top_k) for v, (_, queries) in zip(videos, jobs, strict=True)]
 
     def thumbnail(self, video_path: str | Path, seconds: float, width: int = 160) -> bytes:
         return thumbnail(video_path, seconds, width)
@@ -169,8 +174,9 @@ class Predictor:
         if self.task != "retrieval":
             raise PredictError(f"model '{self.model_name}' is a grounding model: use predict, not search")
         check_queries([query])
-        cached = self.cache.get([Path(v) for v in videos])
-        scores = self._retrieve(cached, query)
+        with self._lock:
+            cached = self.cache.get([Path(v) for v in videos])
+            scores = self._retrieve(cached, query)
         ranked = sorted(zip(cached, scores, strict=True), key=lambda vs: -vs[1])[: top_k or len(cached)]
         return [{"video": str(v.path), "video_sha256": v.sha256, "duration": v.duration, "query": query,
                  "score": round(float(s), 6), **self._identity()} for v, s in ranked]
