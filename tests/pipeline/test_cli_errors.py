@@ -100,7 +100,8 @@ def test_every_numeric_hyper_parameter_has_a_domain(model):
 
 def _video_params(tmp_path: Path, videos: Path) -> Path:
     params = {
-        "decode": {"video_dir": str(videos), "out_dir": str(tmp_path / "frames"), "workers": 1,
+        "dataset": {"video_dir": str(videos)},
+        "decode": {"out_dir": str(tmp_path / "frames"), "workers": 1,
                    "max_failure_share": 1.0},
         "merge": {"npy_dir": str(tmp_path / "npy"), "out_dir": str(tmp_path / "features")},
         "features": ["clip"],
