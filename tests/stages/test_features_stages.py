@@ -71,6 +71,9 @@ def test_decode_failure_share_sets_the_exit_code(workspace):
     vmr("decode", *p, "--set", "decode.max_failure_share=0.5")
     report = json.loads((workspace / "frames" / "failures.json").read_text())
     assert [f["video"] for f in report["failures"]] == ["broken"]
+    # the measured durations of the decoded videos only: what annotations without durations use
+    durations = json.loads((workspace / "frames" / "durations.json").read_text())
+    assert durations == {"vidA": pytest.approx(1.5), "vidB": pytest.approx(1.0)}
 
 
 def test_missing_inputs_are_clear_errors(workspace):
