@@ -30,6 +30,11 @@ def run(params: Params, source: str, **_: object) -> None:
         files |= {f"dataset.durations.{i}": p for i, p in enumerate(d.durations)}
     files["vocab.glove_file"] = v.glove_file
     require_files(source, files)
+    if v.glove_file and d.name != "synthetic" and Path(params.synth.out_dir).resolve() in Path(v.glove_file).resolve().parents:
+        # the synthetic default's file leaking into a real dataset's run: random vectors named like GloVe
+        raise ParamsError(f"{source}: key 'vocab.glove_file': {v.glove_file} is the synthetic dataset's random "
+                          f"stand-in, not GloVe, and dataset.name is '{d.name}': set a GloVe text file, or null "
+                          "(no glove.pkl)")
     durations = decoded_durations(d, params.decode.out_dir)
 
     sentences: list[str] = []
