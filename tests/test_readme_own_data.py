@@ -24,7 +24,7 @@ SECTION = "## Your own videos"
 # The integrator's switch for the README's last step, `vmr predict` (built on branch `predict`):
 # while False that line is left out and no prediction is checked. `test_predict_switch_matches_the_cli`
 # fails as soon as the command exists and the switch is still off, so it cannot be forgotten.
-PREDICT_MERGED = False
+PREDICT_MERGED = True
 
 # id: (frames, fps or None for variable, width, height, container, audio)
 VIDEOS = {
@@ -95,7 +95,7 @@ def test_the_section_uses_only_existing_commands_and_the_profile():
     assert commands, "the section runs no vmr command"
     known = cli_commands() | {"predict"}  # predict: the switch above
     assert {c.split()[1] for c in commands} <= known
-    assert all("--profile profiles/own_data.yaml" in c for c in commands if c.split()[1] != "predict")
+    assert all("--profile profiles/own_data.yaml" in c for c in commands)
 
 
 @pytest.mark.slow
@@ -136,10 +136,11 @@ def test_readme_own_videos_section_runs_as_written(tmp_path):
         entries = prediction if isinstance(prediction, list) else [prediction]
         assert {Path(e["video"]).stem for e in entries} == set(VIDEOS)
         for e in entries:
+            vid = Path(e["video"]).stem
             assert e["query"] == "a person opens the door"
+            assert e["duration"] == pytest.approx(durations[vid], abs=1e-3)  # measured alike
             moments = e["moments"]
-            assert moments and all(0 <= m["start"] < m["end"] <= durations[Path(e["video"]).stem] + 1e-3
-                                   for m in moments)
+            assert moments and all(0 <= m["start"] < m["end"] <= durations[vid] + 1e-3 for m in moments)
             assert [m["score"] for m in moments] == sorted((m["score"] for m in moments), reverse=True)
 
 
