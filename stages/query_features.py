@@ -19,7 +19,7 @@ from pipeline.core.codedeps import stage_code
 from pipeline.core.params import Params, ParamsError, require_files, subset
 from pipeline.core.progress import log
 from pipeline.core.provenance import make_record, weights_record
-from pipeline.media.framestore import decoded_durations
+from pipeline.media.framestore import decoded_durations, durations_path
 from pipeline.text.annotations import load_dataset_split
 from pipeline.text.sentence_features import (
     encode_sentences,
@@ -85,7 +85,8 @@ def run(params: Params, source: str, model: str, **_) -> None:
     record = make_record(
         f"query_features-{model}",
         {**subset(params, "seed", "dataset"), **model_keys},
-        inputs={f"annotations.{s}": params.dataset.splits[s] for s in enc.splits},
+        inputs={f"annotations.{s}": params.dataset.splits[s] for s in enc.splits}
+        | ({"durations": str(durations_path(params.decode.out_dir))} if durations is not None else {}),
         weights={"query_encoder": weights},
         extra={"queries": len(sentences), "dim": int(features.shape[1]), "encoder": enc.model_dump(), **extra},
         code=stage_code("query_features", [MODELS.get(model)]),

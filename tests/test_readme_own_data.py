@@ -88,16 +88,27 @@ def test_the_section_uses_only_existing_commands_and_the_profile():
     assert all("--profile profiles/own_data.yaml" in c for c in commands)
 
 
-@pytest.mark.slow
-def test_readme_own_videos_section_runs_as_written(tmp_path):
-    make_clone_with_data(tmp_path)
-    block = readme_block()
-    bindir = str(Path(sys.executable).parent)  # the `vmr` of this environment
+def bash(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `script` as a user would in `cwd`: this environment's `vmr`, this checkout's code."""
+    bindir = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""), PYTHONPATH=str(REPO_ROOT),
                VMR_NO_PROGRESS="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def readme_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("clone")
+    make_clone_with_data(root)
+    return root, bash(readme_block(), root)
+
+
+@pytest.mark.slow
+def test_readme_own_videos_section_runs_as_written(readme_run):
+    tmp_path, run = readme_run
 
     # durations came from decode, one per video: FFmpeg's end time, the VFR one's last pts (4.13 s)
     # plus its packet duration (one 1 ms tick of its time base)
@@ -135,6 +146,26 @@ def test_readme_own_videos_section_runs_as_written(tmp_path):
         moments = e["moments"]
         assert moments and all(0 <= m["start"] < m["end"] <= durations[vid] + 1e-3 for m in moments)
         assert [m["score"] for m in moments] == sorted((m["score"] for m in moments), reverse=True)
+
+
+@pytest.mark.slow
+def test_mrnet_on_the_same_videos_as_docs_own_data_says(readme_run):
+    """docs/own_data.md, "Another model": MRNet after its query features, through to `vmr predict`
+    (its random-init query encoder learns its vocabulary from the train split, parsed with decode's
+    durations from the training record)."""
+    root, _ = readme_run
+    bash("vmr query-features --profile profiles/own_data.yaml --model mrnet\n"
+         "vmr train --profile profiles/own_data.yaml --model mrnet --set model.mrnet.epochs=1\n"
+         "vmr evaluate --profile profiles/own_data.yaml --model mrnet\n"
+         "vmr predict --profile profiles/own_data.yaml --model mrnet data/own/videos --query 'a person sits down' "
+         "--out mrnet.json\n", root)
+    durations = json.loads((root / "work" / "frames" / "durations.json").read_text())
+    assert 0.0 <= json.loads((root / "results" / "mrnet" / "metrics.json").read_text())["mIoU"] <= 100.0
+    entries = json.loads((root / "mrnet.json").read_text())
+    assert sorted(Path(e["video"]).stem for e in entries) == sorted(VIDEOS)
+    for e in entries:
+        assert e["model"] == "mrnet" and e["moments"]
+        assert all(0 <= m["start"] < m["end"] <= durations[Path(e["video"]).stem] + 1e-3 for m in e["moments"])
 
 
 def _iou(a, b) -> float:
