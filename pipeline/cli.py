@@ -127,7 +127,7 @@ def decode(
 ) -> None:
     """Decode every raw video once (decord, worker processes) into the frame store.
 
-    Reads: `decode.video_dir`, params `decode.*` and the sampling protocols of the enabled
+    Reads: `dataset.video_dir`, params `decode.*` and the sampling protocols of the enabled
     `features`. Writes: `decode.out_dir` (frames, per-video manifest, failures report).
     """
     from stages import decode as stage

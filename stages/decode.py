@@ -36,14 +36,14 @@ def protocols_for(params: Params) -> list:
 
 
 def run(params: Params, source: str, **_: object) -> None:
-    p = params.decode
-    require_files(source, {"decode.video_dir": p.video_dir})
+    p, video_dir = params.decode, params.dataset.video_dir
+    require_files(source, {"dataset.video_dir": video_dir})
     try:
-        videos = list_videos(p.video_dir)
+        videos = list_videos(video_dir)
     except ValueError as e:
-        raise ParamsError(f"{source}: key 'decode.video_dir': {e}") from None
+        raise ParamsError(f"{source}: key 'dataset.video_dir': {e}") from None
     if not videos:
-        raise ParamsError(f"{source}: key 'decode.video_dir': no video files in {p.video_dir}")
+        raise ParamsError(f"{source}: key 'dataset.video_dir': no video files in {video_dir}")
     protocols = protocols_for(params)
 
     with make_progress() as progress:
@@ -57,15 +57,15 @@ def run(params: Params, source: str, **_: object) -> None:
             recycle_after=p.recycle_after,
             backend=p.backend,
             on_result=lambda vid, status: progress.advance(bar),
-            unusable=unusable_videos(p.video_dir),
+            unusable=unusable_videos(video_dir),
         )
         progress.update(bar, completed=len(videos))
 
     record = make_record(
         "decode",
-        subset(params, "decode", "features")
+        subset(params, "decode", "dataset.video_dir", "features")
         | {"protocols": {pr.key: pr.as_dict() for pr in protocols}},
-        inputs={"videos": p.video_dir},
+        inputs={"videos": video_dir},
         extra={"decoder": {"decord": decord.__version__, "pyav": av.__version__}},
         code=stage_code("decode", members(params)),
     )

@@ -19,6 +19,7 @@ from pipeline.core.codedeps import stage_code
 from pipeline.core.params import Params, ParamsError, require_files, subset
 from pipeline.core.progress import log
 from pipeline.core.provenance import make_record, weights_record
+from pipeline.media.framestore import decoded_durations, durations_path
 from pipeline.text.annotations import load_dataset_split
 from pipeline.text.sentence_features import (
     encode_sentences,
@@ -63,7 +64,8 @@ def run(params: Params, source: str, model: str, **_) -> None:
     require_files(source, {f"{at}.encoder_dir": enc.encoder_dir, f"{at}.audio_manifest": enc.audio_manifest})
     require_files(source, {f"dataset.splits.{s}": params.dataset.splits.get(s, f"<split '{s}' not in dataset.splits>")
                            for s in enc.splits})
-    queries = {s: load_dataset_split(params.dataset, s) for s in enc.splits}
+    durations = decoded_durations(params.dataset, params.decode.out_dir)
+    queries = {s: load_dataset_split(params.dataset, s, durations) for s in enc.splits}
     sentences = unique_sentences(q.sentence for split in queries.values() for q in split)
     torch.manual_seed(params.seed)
     weights_file = _weights_file(Path(enc.encoder_dir)) if enc.encoder_dir else None
@@ -83,7 +85,8 @@ def run(params: Params, source: str, model: str, **_) -> None:
     record = make_record(
         f"query_features-{model}",
         {**subset(params, "seed", "dataset"), **model_keys},
-        inputs={f"annotations.{s}": params.dataset.splits[s] for s in enc.splits},
+        inputs={f"annotations.{s}": params.dataset.splits[s] for s in enc.splits}
+        | ({"durations": str(durations_path(params.decode.out_dir))} if durations is not None else {}),
         weights={"query_encoder": weights},
         extra={"queries": len(sentences), "dim": int(features.shape[1]), "encoder": enc.model_dump(), **extra},
         code=stage_code("query_features", [MODELS.get(model)]),

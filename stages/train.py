@@ -9,6 +9,7 @@ from pipeline.core import provenance
 from pipeline.core.codedeps import stage_code
 from pipeline.core.params import Params, ParamsError, require_files, subset
 from pipeline.core.progress import is_rank_zero, log
+from pipeline.media.framestore import durations_path
 from pipeline.training.checkpoints import finished_run_fields
 from pipeline.training.trainer import DataContext, fit
 
@@ -26,13 +27,20 @@ def data_context(params: Params, model: str) -> DataContext:
     )
 
 
+def duration_files(params: Params) -> dict[str, Path]:
+    """Where the queries' video durations come from, for formats that need them: the csv files of
+    `dataset.durations`, or decode's records of the videos when that is empty."""
+    d = params.dataset
+    if d.durations_from_decode:
+        return {"dataset.durations (empty: decode's records)": durations_path(params.decode.out_dir)}
+    if d.format == "charades_sta":
+        return {f"dataset.durations.{i}": Path(p) for i, p in enumerate(d.durations)}
+    return {}
+
+
 def annotation_files(params: Params) -> dict[str, Path]:
     """The annotation files every model reads: the splits, and the durations where the format needs them."""
-    d = params.dataset
-    files = {f"dataset.splits.{s}": Path(p) for s, p in d.splits.items()}
-    if d.format == "charades_sta":
-        files |= {f"dataset.durations.{i}": Path(p) for i, p in enumerate(d.durations)}
-    return files
+    return {f"dataset.splits.{s}": Path(p) for s, p in params.dataset.splits.items()} | duration_files(params)
 
 
 def model_inputs(params: Params, model: str, data: DataContext) -> dict[str, Path]:

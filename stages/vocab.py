@@ -11,6 +11,7 @@ from pipeline.core.codedeps import stage_code
 from pipeline.core.params import Params, ParamsError, require_files, subset
 from pipeline.core.progress import log
 from pipeline.core.provenance import make_record, write_record
+from pipeline.media.framestore import decoded_durations, durations_path
 from pipeline.text import vocab
 from pipeline.text.annotations import AnnotationError, load_dataset_split
 
@@ -23,16 +24,24 @@ def run(params: Params, source: str, **_: object) -> None:
     if unknown:
         raise ParamsError(f"{source}: key 'vocab.splits': split(s) {unknown} not in dataset.splits {sorted(d.splits)}")
     files = {f"dataset.splits.{s}": d.splits[s] for s in v.splits}
-    if d.format == "charades_sta":
+    if d.durations_from_decode:
+        files["dataset.durations (empty: decode's records)"] = str(durations_path(params.decode.out_dir))
+    elif d.format == "charades_sta":
         files |= {f"dataset.durations.{i}": p for i, p in enumerate(d.durations)}
     files["vocab.glove_file"] = v.glove_file
     require_files(source, files)
+    if v.glove_file and d.name != "synthetic" and Path(params.synth.out_dir).resolve() in Path(v.glove_file).resolve().parents:
+        # the synthetic default's file leaking into a real dataset's run: random vectors named like GloVe
+        raise ParamsError(f"{source}: key 'vocab.glove_file': {v.glove_file} is the synthetic dataset's random "
+                          f"stand-in, not GloVe, and dataset.name is '{d.name}': set a GloVe text file, or null "
+                          "(no glove.pkl)")
+    durations = decoded_durations(d, params.decode.out_dir)
 
     sentences: list[str] = []
     reports = {}
     try:
         for split in v.splits:  # in the order given: glove.pkl ids follow first appearance
-            ann = load_dataset_split(d, split)
+            ann = load_dataset_split(d, split, durations)
             sentences += [q.sentence for q in ann]
             reports[split] = ann.report
             c = {k: n for k, n in ann.report["cleaning"].items() if k != "policy"}
@@ -67,9 +76,12 @@ def run(params: Params, source: str, **_: object) -> None:
         summary["glove_pkl_words"] = None
     write_json(out / "vocab_report.json", summary)
     inputs = {f"split_{s}": d.splits[s] for s in v.splits}
+    if durations is not None:
+        inputs["durations"] = str(durations_path(params.decode.out_dir))
     if v.glove_file:
         inputs["glove"] = v.glove_file
-    write_record(out, make_record("vocab", subset(params, "dataset", "vocab"), inputs=inputs,
+    write_record(out, make_record("vocab", subset(params, "dataset", "vocab") | (
+        {"decode.out_dir": params.decode.out_dir} if durations is not None else {}), inputs=inputs,
                                   extra={"pos_tagger": summary["pos_tagger"]}, code=stage_code("vocab")))
     log(f"vocab: {len(sentences)} sentences from {list(v.splits)} -> {len(clip_counts)} CLIP tokens, "
         f"{len(glove_counts)} count words, glove.pkl {summary['glove_pkl_words']} words -> {out}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.errors import VmrError
 from pipeline.core.registry import Registry
@@ -74,7 +74,7 @@ class DatasetParams(Section):
         "charades_sta", "grounding_json", "cpl_json", "tacos_json", "qvhighlights", "msrvtt_csv", "msrvtt_json",
         "video_captions",
     ] = "charades_sta"
-    video_dir: str = "data/synth/videos"
+    video_dir: str = "data/synth/videos"  # the raw videos, <video id>.<ext> (read by `vmr decode`)
     splits: dict[str, str] = Field(
         default_factory=lambda: {
             "train": "data/synth/annotations/charades_sta_train.txt",
@@ -82,6 +82,7 @@ class DatasetParams(Section):
         }
     )
     # Charades-style csv files with a `length` column (durations), for formats that need them.
+    # Empty or null (charades_sta): each video's duration as `vmr decode` measured it.
     durations: list[str] = Field(
         default_factory=lambda: [
             "data/synth/annotations/Charades_v1_train.csv",
@@ -92,11 +93,21 @@ class DatasetParams(Section):
     on_error: Literal["raise", "skip"] = "raise"  # malformed records: fail, or count and report them
     video_captions: str | None = "data/synth/annotations/video_captions.json"
 
+    @field_validator("durations", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @property
+    def durations_from_decode(self) -> bool:
+        """True when the queries' video durations come from decode's records, not from csv files."""
+        return self.format == "charades_sta" and not self.durations
+
 
 class DecodeParams(Section):
-    """`vmr decode`: raw videos -> frame store (pipeline/media/decode.py, docs/features.md)."""
+    """`vmr decode`: the videos of `dataset.video_dir` -> frame store (pipeline/media/decode.py,
+    docs/features.md)."""
 
-    video_dir: str = "data/synth/videos"
     out_dir: str = "work/frames"
     workers: int = Field(2, ge=1)  # decode processes
     timeout_s: float = Field(120.0, gt=0)  # per video; the worker is killed past it (decord deadlocks)
@@ -291,6 +302,7 @@ def load_params(
             if not isinstance(node, dict):
                 raise ParamsError(f"override '{ov}': '{k}' is not a mapping")
         node[keys[-1]] = value
+    _reject_moved_keys(data, source)
     try:
         params = Params.model_validate(data)
     except ValidationError as e:
@@ -298,6 +310,18 @@ def load_params(
     for registry in registries:
         _validate_registered(params, source, registry)
     return params
+
+
+# Keys that moved: an old params file or profile gets the new key's name, not just "unknown key".
+MOVED_KEYS = {"decode.video_dir": "dataset.video_dir"}
+
+
+def _reject_moved_keys(data: dict[str, Any], source: str) -> None:
+    for old, new in MOVED_KEYS.items():
+        section, _, key = old.partition(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise ParamsError(f"{source}: key '{old}': moved to '{new}' (one key for the videos "
+                              f"decode reads); rename it")
 
 
 def _validate_registered(params: Params, source: str, registry: Registry) -> None:

@@ -37,7 +37,7 @@ from pipeline.core.atomic import atomic_path, remove_stale_temporaries, write_js
 from pipeline.core.codedeps import import_closure
 from pipeline.core.provenance import code_version
 from pipeline.media.decode_pool import TaskError, first_line, run_pool
-from pipeline.media.framestore import FAILURES, MANIFEST, RECORDS_DIR, FrameStore
+from pipeline.media.framestore import FAILURES, MANIFEST, RECORDS_DIR, FrameStore, durations_path
 from pipeline.media.sampling import select
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv")
@@ -710,8 +710,8 @@ def _prune(store: FrameStore, videos: dict[str, Path], keys: set[str], failed: s
 
 
 def _write_reports(store: FrameStore, videos: dict[str, Path], unusable: dict[str, str]) -> None:
-    """manifest.json and failures.json from the per-video records and the unusable entries, sorted
-    (deterministic)."""
+    """manifest.json, failures.json and durations.json from the per-video records and the unusable entries,
+    sorted (deterministic)."""
     manifest, failures = {}, []
     for vid in videos:
         rec = store.read_record(vid)
@@ -728,6 +728,8 @@ def _write_reports(store: FrameStore, videos: dict[str, Path], unusable: dict[st
     failures += [{"video": Path(name).stem, "file": name, "reason": reason} for name, reason in unusable.items()]
     failures.sort(key=lambda f: f["video"])
     write_json(store.root / MANIFEST, {"videos": manifest})
+    write_json(durations_path(store.root),
+               {vid: rec["duration"] for vid, rec in sorted(manifest.items()) if rec["status"] == "ok"})
     write_json(
         store.root / FAILURES,
         {"total": len(videos) + len(unusable), "failed": len(failures), "failures": failures},

@@ -10,6 +10,10 @@ Layout under the store root (default `work/frames/`):
                                     window (start, end) of every kept frame
     manifest.json                   every video's record without the per-frame lists, sorted by id
     failures.json                   the videos that failed, each with its reason
+    durations.json                  {video id: duration in seconds} of the decoded videos, sorted: the
+                                    durations of annotations that come without them (`dataset.durations`
+                                    empty); its own small file, so that only a changed duration re-runs
+                                    the stages that read it
     provenance.json                 how the store was made
 
 Raw uint8 .npy keeps decode -> extract lossless and lets extract memory-map frames; at 224 x 224 RGB a
@@ -24,9 +28,34 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.errors import VmrError
+
 RECORDS_DIR = "videos"
 MANIFEST = "manifest.json"
 FAILURES = "failures.json"
+DURATIONS = "durations.json"
+
+
+class NoDecodeRecords(VmrError):
+    """The frame store has no durations file: the videos were not decoded yet."""
+
+
+def durations_path(root: str | Path) -> Path:
+    return Path(root) / DURATIONS
+
+
+def read_durations(root: str | Path) -> dict[str, float]:
+    """{video id: seconds} as decode measured them (FFmpeg's end time: last pts + last frame's duration)."""
+    path = durations_path(root)
+    if not path.is_file():
+        raise NoDecodeRecords(f"{path}: no decode records of the videos' durations (run `vmr decode` first)")
+    return {vid: float(seconds) for vid, seconds in json.loads(path.read_text()).items()}
+
+
+def decoded_durations(dataset, root: str | Path) -> dict[str, float] | None:
+    """The durations `dataset` (a DatasetParams section) takes from decode's records in the store at
+    `root`, or None when its annotations come with their own (`dataset.durations`)."""
+    return read_durations(root) if dataset.durations_from_decode else None
 
 
 @dataclass(frozen=True)

@@ -307,9 +307,18 @@ def _pca_recipe(name: str, record: dict, anchor: Path, dataset: dict | None,
         if split is None or dataset is None:
             return None
         fit_videos = sorted(load_dataset_split(_dataset_params({**dataset, "splits": {"train": str(split)}}),
-                                               "train").video_ids())
+                                               "train", _recorded_durations(inputs, anchor)).video_ids())
     source_file = locate(inputs[sources[0]]["path"], anchor)
     return dataclasses.replace(base, name=name, pca=PCAStep(source_file, fit_videos, int(pca.get("components", 500))))
+
+
+def _recorded_durations(inputs: dict, anchor: Path) -> dict[str, float] | None:
+    """The durations decode measured, where a record names them as an input (a dataset without a
+    duration file: `dataset.durations: []`), else None."""
+    entry = next((v for role, v in inputs.items() if "durations" in role and str(v.get("path")).endswith(
+        "durations.json")), None)
+    path = locate(entry["path"], anchor) if entry else None
+    return json.loads(path.read_text()) if path else None
 
 
 def _query_recipe(name: str, entry: dict | None, anchor: Path, mismatches: list[str]) -> QueryRecipe | None:
@@ -345,6 +354,7 @@ def _query_recipe(name: str, entry: dict | None, anchor: Path, mismatches: list[
             return None
         _checked_input(record.get("inputs", {}).get("annotations.train"), "query-encoder train split", anchor,
                        mismatches)
-        train_sentences = [q.sentence for q in load_dataset_split(_dataset_params(dataset), "train")]
+        train_sentences = [q.sentence for q in load_dataset_split(
+            _dataset_params(dataset), "train", _recorded_durations(record.get("inputs", {}), anchor))]
     return QueryRecipe(name=name, encoder=encoder, seed=int(params.get("seed", 0)),
                        train_sentences=train_sentences, weights=weights)

@@ -9,22 +9,24 @@ API (stable; the trainer and every model read annotations through it)
         relevant_clip_ids, saliency_scores (QVHighlights only, else None),
         .moment -> the first (start, end) (the only one outside QVHighlights).
 
-    load_split(path, format="charades_sta", *, dataset, split, durations=(), cleaning="none",
-               on_error="raise") -> Annotations
+    load_split(path, format="charades_sta", *, dataset, split, durations=(), video_durations=None,
+               cleaning="none", on_error="raise") -> Annotations
         Parse one split file and clean it. `Annotations` is a list-like of Query (len, iter,
         index) with `.report`: {"file", "format", "records_read", "malformed_skipped",
         "malformed": [first few "file:line: why"], "cleaning": {"policy", rule -> count},
         "records": kept count}.
         `durations` are Charades csv files (column `length`); only `charades_sta` needs them.
+        Without them, `video_durations` ({video id: seconds}, e.g. what decode measured) is used.
 
-    load_dataset_split(dataset_params, split) -> Annotations     (typed DatasetParams section)
+    load_dataset_split(dataset_params, split, video_durations=None) -> Annotations  (DatasetParams)
     clean(queries, policy) -> (kept, counts)                       the policies on their own
     FORMATS, CLEANING_POLICIES                                     the names accepted above
     read_durations(csv_paths) -> {video_id: seconds}
     load_msrvtt_video_list(csv_path) -> [video_id, ...]            MSR-VTT train.{9k,7k}.csv
 
 Formats (names for `format`)
-    charades_sta   `VID start end##sentence` txt + Charades_v1 csv durations (also the synthetic set)
+    charades_sta   `VID start end##sentence` txt + Charades_v1 csv durations (also the synthetic set),
+                   or durations given as {vid: seconds} (own videos: decode's measurements)
     grounding_json {vid: {duration | video_duration, timestamps, sentences, ...}}: MMN / 2D-TAN
                    Charades, Charades-CD, Charades-CG, ActivityNet Captions
     cpl_json       [[vid, duration, [s, e], sentence], ...] (CPL / CNM)
@@ -53,7 +55,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,10 +205,14 @@ def read_durations(csv_paths: Iterable[str | os.PathLike]) -> dict[str, float]:
 # -- parsers: each yields Query records (uncleaned) and reports problems ------------------------
 
 
-def _parse_charades_sta(path, *, dataset, split, durations, problems, **_) -> Iterator[Query]:
-    if not durations:
-        raise AnnotationError(f"{path}: the charades_sta format needs duration csv files (Charades_v1_*.csv)")
-    lengths = read_durations(durations)
+def _parse_charades_sta(path, *, dataset, split, durations, video_durations, problems, **_) -> Iterator[Query]:
+    if durations:
+        lengths, source = read_durations(durations), "the duration csvs"
+    elif video_durations is not None:
+        lengths, source = video_durations, "decode's records (not in the video folder, or its decode failed)"
+    else:
+        raise AnnotationError(f"{path}: the charades_sta format needs durations: csv files (Charades_v1_*.csv) "
+                              "or the decoded videos' records")
     qid = 0
     for lineno, line in _utf8_lines(path, problems):
         line = line.rstrip("\r\n")
@@ -227,7 +233,7 @@ def _parse_charades_sta(path, *, dataset, split, durations, problems, **_) -> It
             problems(f"{path}:{lineno}: {e}")
             continue
         if vid not in lengths:
-            problems(f"{path}:{lineno}: video '{vid}' has no length in the duration csvs")
+            problems(f"{path}:{lineno}: video '{vid}' has no duration in {source}")
             continue
         yield Query(dataset, split, vid, lengths[vid], (moment,), sentence, qid)
         qid += 1
@@ -514,6 +520,7 @@ def load_split(
     dataset: str = "",
     split: str = "",
     durations: Sequence[str | os.PathLike] = (),
+    video_durations: Mapping[str, float] | None = None,
     cleaning: str = "none",
     on_error: str = "raise",
 ) -> Annotations:
@@ -524,7 +531,8 @@ def load_split(
     if not path.is_file():
         raise AnnotationError(f"{path}: annotation file not found")
     problems = _Problems(on_error)
-    raw = list(FORMATS[format](path, dataset=dataset, split=split, durations=list(durations), problems=problems))
+    raw = list(FORMATS[format](path, dataset=dataset, split=split, durations=list(durations),
+                               video_durations=video_durations, problems=problems))
     kept, counts = clean(raw, cleaning)
     report = {
         "file": str(path),
@@ -538,8 +546,9 @@ def load_split(
     return Annotations(kept, report)
 
 
-def load_dataset_split(dataset_params: Any, split: str) -> Annotations:
-    """Load `split` of the dataset described by a `DatasetParams` section (pipeline.core.params)."""
+def load_dataset_split(dataset_params: Any, split: str, video_durations: Mapping[str, float] | None = None) -> Annotations:
+    """Load `split` of the dataset described by a `DatasetParams` section (pipeline.core.params);
+    `video_durations` stand in for `dataset.durations` when that is empty (charades_sta)."""
     if split not in dataset_params.splits:
         raise AnnotationError(f"dataset '{dataset_params.name}' has no split '{split}'; "
                               f"params name {sorted(dataset_params.splits)}")
@@ -549,6 +558,7 @@ def load_dataset_split(dataset_params: Any, split: str) -> Annotations:
         dataset=dataset_params.name,
         split=split,
         durations=dataset_params.durations,
+        video_durations=video_durations,
         cleaning=dataset_params.cleaning,
         on_error=getattr(dataset_params, "on_error", "raise"),
     )

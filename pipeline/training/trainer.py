@@ -153,6 +153,7 @@ from pipeline.core.errors import VmrError
 from pipeline.core.params import Count, Positive, Section
 from pipeline.core.progress import log, track
 from pipeline.media.feature_pca import VideoPCAConfig
+from pipeline.media.framestore import decoded_durations
 from pipeline.media.sampling import SamplingProtocol
 from pipeline.text.annotations import load_dataset_split
 from pipeline.text.sentence_features import QueryEncoderConfig
@@ -302,9 +303,10 @@ class DataContext:
 
     def queries(self, split: str) -> list:
         """The parsed, cleaned `pipeline.text.annotations.Query` records of a split (cached)."""
-        key = (self.dataset.model_dump_json(), split, self.features_dir, self.video_features)
+        key = (self.dataset.model_dump_json(), split, self.features_dir, self.frames_dir, self.video_features)
         if key not in _QUERY_CACHE:
-            _QUERY_CACHE[key] = self._with_features(list(load_dataset_split(self.dataset, split)), split)
+            durations = decoded_durations(self.dataset, self.frames_dir)  # None: the dataset has its own
+            _QUERY_CACHE[key] = self._with_features(list(load_dataset_split(self.dataset, split, durations)), split)
         return _QUERY_CACHE[key]
 
     def _with_features(self, queries: list, split: str) -> list:

@@ -58,7 +58,8 @@ def workspace(tmp_path_factory) -> Path:
         write_video(root / "videos" / f"{name}.mp4", rate, n)
     params = {
         "features": FEATURES,
-        "decode": {"video_dir": str(root / "videos"), "out_dir": str(root / "frames"), "workers": 1,
+        "dataset": {"video_dir": str(root / "videos")},
+        "decode": {"out_dir": str(root / "frames"), "workers": 1,
                    "backend": "pyav"},
         "merge": {"npy_dir": str(root / "npy"), "out_dir": str(root / "features")},
         # test sizes: small crops where the network allows it (C3D's 112 is architectural)

@@ -68,6 +68,8 @@ def test_params_errors_name_the_file_or_key(tmp_path, toy):
     vmr_fails("train", "--model", "mmn", "-p", toy, "--set", "merge.dtype=[unclosed",
               names=("merge.dtype=[unclosed", "YAML"))
     vmr_fails("train", "--model", "mmn", "-p", toy, "--set", "model.mmn.epochs=0", names=("model.mmn.epochs",))
+    # a moved key names its new place
+    vmr_fails("decode", "-p", toy, "--set", "decode.video_dir=videos", names=("decode.video_dir", "dataset.video_dir"))
 
 
 @pytest.mark.parametrize("model", ["mmn", "mesm", "cnm", "mrnet", "glscl"])
@@ -100,7 +102,8 @@ def test_every_numeric_hyper_parameter_has_a_domain(model):
 
 def _video_params(tmp_path: Path, videos: Path) -> Path:
     params = {
-        "decode": {"video_dir": str(videos), "out_dir": str(tmp_path / "frames"), "workers": 1,
+        "dataset": {"video_dir": str(videos)},
+        "decode": {"out_dir": str(tmp_path / "frames"), "workers": 1,
                    "max_failure_share": 1.0},
         "merge": {"npy_dir": str(tmp_path / "npy"), "out_dir": str(tmp_path / "features")},
         "features": ["clip"],
@@ -219,6 +222,23 @@ def test_a_video_without_features_is_named_up_front_or_skipped(toy, tmp_path):
     vmr_fails("train", "--model", "mmn", "-p", toy, names=("TR005", "toy.h5", "train"))
     assert not (tmp_path / "runs" / "mmn").exists()  # nothing started
     vmr("train", "--model", "mmn", "-p", toy, "--set", "model.mmn.epochs=1", "--set", "dataset.on_error=skip")
+
+
+def test_durations_from_decode_records_are_named_when_missing(toy, tmp_path):
+    """`dataset.durations: []` (own videos) reads the durations decode measured: none measured yet, or
+    a video decode did not measure, is one error naming the file or the video (skipped under skip)."""
+    from pipeline.text.annotations import read_durations
+
+    frames = tmp_path / "frames"
+    run = ("train", "--model", "mmn", "-p", toy, "--set", "dataset.durations=[]", "--set", f"decode.out_dir={frames}",
+           "--set", "model.mmn.epochs=1")
+    vmr_fails(*run, names=(str(frames / "durations.json"), "dataset.durations"))
+    measured = read_durations([tmp_path / "data" / "videos.csv"])
+    del measured["TR005"]
+    frames.mkdir()
+    (frames / "durations.json").write_text(json.dumps(measured))
+    vmr_fails(*run, names=("train.txt:6", "TR005", "decode"))
+    vmr(*run, "--set", "dataset.on_error=skip")
 
 
 # -- training and evaluation -----------------------------------------------------------------------

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import yaml
 from typer.testing import CliRunner
 
@@ -9,7 +15,7 @@ from extractors import EXTRACTORS
 from models import MODELS
 from pipeline.cli import app
 from pipeline.core.codedeps import REPO_ROOT, stage_code
-from pipeline.core.params import load_params, read_yaml
+from pipeline.core.params import deep_merge, load_params, read_yaml
 from pipeline.dag import build_dag, render
 
 PARAMS = REPO_ROOT / "params.yaml"
@@ -74,11 +80,6 @@ def test_models_that_read_frames_make_decode_keep_them(tmp_path):
 def test_null_optional_inputs_drop_out_and_dvc_reads_the_dag(tmp_path):
     """`vocab.glove_file: null` and `dataset.video_captions: null` once crashed `dvc status` with an
     AssertionError inside DVC (a null dependency path); they must simply not be dependencies."""
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
     raw = read_yaml(PARAMS)
     raw["vocab"]["glove_file"] = None
     raw["dataset"]["video_captions"] = None
@@ -90,13 +91,60 @@ def test_null_optional_inputs_drop_out_and_dvc_reads_the_dag(tmp_path):
     deps = [d for s in stages.values() for d in s["deps"]]
     assert all(d not in (None, "None", "null") for d in deps)
     assert not any("glove.synthetic" in d or "video_captions" in d for d in deps)
+    status = _dvc_in(tmp_path, (tmp_path / "dvc.yaml").read_text())("status")
+    assert "unexpected error" not in status
+
+
+def _dvc_in(tmp_path, dvc_yaml: str):
+    """A git + DVC repository in tmp_path holding dvc_yaml; returns a runner of `dvc` commands there."""
+    (tmp_path / "dvc.yaml").write_text(dvc_yaml)
     dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
     assert dvc, "dvc is a dependency of the project (pyproject.toml)"
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True)
-    status = subprocess.run([dvc, "status"], cwd=tmp_path, capture_output=True, text=True)
-    assert status.returncode == 0, status.stdout + status.stderr
-    assert "unexpected error" not in status.stdout + status.stderr
+
+    def run(*args: str) -> str:
+        result = subprocess.run([dvc, *args], cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+    return run
+
+
+def upstream(dvc, target: str) -> set[str]:
+    """The stages `dvc repro TARGET` runs, as DVC itself reads the DAG (`dvc dag --dot TARGET`)."""
+    return set(re.findall(r'"([^"]+)"', dvc("dag", "--dot", target)))
+
+
+def test_evaluating_one_model_runs_only_its_own_stages(tmp_path):
+    """`dvc repro evaluate@mmn` once ran MRNet's sentence-features stage too: in the generated DAG,
+    one model's evaluation depends on the shared data stages and its own train stage only."""
+    dvc = _dvc_in(tmp_path, (REPO_ROOT / "dvc.yaml").read_text())
+    # MMN tokenizes its own queries: no vocab stage either
+    assert upstream(dvc, "evaluate-mmn") == {"synth", "decode", "extract-clip", "merge-clip", "train-mmn",
+                                             "evaluate-mmn"}
+    assert "query_features-mrnet" in upstream(dvc, "evaluate-mrnet")
+
+
+def test_own_data_profile_drops_the_synthetic_inputs(tmp_path):
+    """params.yaml with profiles/own_data.yaml merged in (README "Your own videos", as a DVC DAG): no
+    synth stage, no file of the synthetic set, durations from decode's records, null inputs gone."""
+    raw = deep_merge(read_yaml(PARAMS), read_yaml(REPO_ROOT / "profiles" / "own_data.yaml"))
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = CliRunner().invoke(app, ["dag", "--params", str(params_path), "--out", str(tmp_path / "dvc.yaml")])
+    assert result.exit_code == 0, result.output
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert "synth" not in stages and "train-mesm" not in stages
+    deps = [d for s in stages.values() for d in s["deps"]]
+    assert not any("synth" in d for d in deps), [d for d in deps if "synth" in d]
+    assert "data/own/videos" in stages["decode"]["deps"] and "dataset.video_dir" in stages["decode"]["params"]
+    for name in ("vocab", "train-mmn", "evaluate-mmn"):
+        assert "work/frames/durations.json" in stages[name]["deps"], name
+        assert "data/own/train.txt" in stages[name]["deps"], name
+    dvc = _dvc_in(tmp_path, (tmp_path / "dvc.yaml").read_text())
+    # the durations file inside decode's output makes vocab and the model wait for decode
+    assert upstream(dvc, "vocab") == {"decode", "vocab"}
+    assert upstream(dvc, "evaluate-mmn") == {"decode", "extract-clip", "merge-clip", "train-mmn", "evaluate-mmn"}
 
 
 def test_an_imported_feature_comes_from_its_import_stage_not_from_video(tmp_path):

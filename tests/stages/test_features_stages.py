@@ -32,7 +32,8 @@ def workspace(tmp_path: Path) -> Path:
     write_video(tmp_path / "videos" / "vidA.mp4", frames=45, width=96, height=64)  # 1.5 s
     write_video(tmp_path / "videos" / "vidB.mp4", frames=30, width=64, height=96)  # 1.0 s, portrait
     params = {
-        "decode": {"video_dir": str(tmp_path / "videos"), "out_dir": str(tmp_path / "frames"), "workers": 1},
+        "dataset": {"video_dir": str(tmp_path / "videos")},
+        "decode": {"out_dir": str(tmp_path / "frames"), "workers": 1},
         "merge": {"npy_dir": str(tmp_path / "npy"), "out_dir": str(tmp_path / "features")},
         "features": ["clip"],
         "extractors": {"clip": {"batch_size": 4}},
@@ -70,6 +71,9 @@ def test_decode_failure_share_sets_the_exit_code(workspace):
     vmr("decode", *p, "--set", "decode.max_failure_share=0.5")
     report = json.loads((workspace / "frames" / "failures.json").read_text())
     assert [f["video"] for f in report["failures"]] == ["broken"]
+    # the measured durations of the decoded videos only: what annotations without durations use
+    durations = json.loads((workspace / "frames" / "durations.json").read_text())
+    assert durations == {"vidA": pytest.approx(1.5), "vidB": pytest.approx(1.0)}
 
 
 def test_missing_inputs_are_clear_errors(workspace):

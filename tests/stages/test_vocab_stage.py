@@ -62,3 +62,31 @@ def test_vocab_stage_train_and_test_and_errors(tiny_dataset):
     (tiny_dataset / "ann" / "train.txt").write_text("V1 0.0 5.0 missing separator\n")
     result = runner.invoke(app, ["vocab"])
     assert result.exit_code == 2 and "train.txt:1" in result.output
+
+
+def test_the_synthetic_glove_file_is_refused_for_another_dataset(tiny_dataset):
+    """A new user's run once read `data/synth/glove.synthetic.300d.txt`, the synthetic default's
+    random vectors, for real videos: outside the synthetic dataset that file is an error naming the key."""
+    synth = tiny_dataset / "data" / "synth"
+    synth.mkdir(parents=True)
+    (synth / "glove.synthetic.3d.txt").write_text((tiny_dataset / "glove.txt").read_text())
+    runner = CliRunner()
+    result = runner.invoke(app, ["vocab", "--set", "vocab.glove_file=data/synth/glove.synthetic.3d.txt"])
+    assert result.exit_code == 2 and "vocab.glove_file" in result.output and "synthetic" in result.output
+    result = runner.invoke(app, ["vocab", "--set", "vocab.glove_file=data/synth/glove.synthetic.3d.txt",
+                                 "--set", "dataset.name=synthetic"])
+    assert result.exit_code == 0, result.output
+
+
+def test_durations_from_decode_records(tiny_dataset):
+    """No duration csv (`dataset.durations: []`): the durations decode measured, read from the frame
+    store, and recorded as an input of the vocabulary."""
+    frames = tiny_dataset / "work" / "frames"
+    frames.mkdir(parents=True)
+    (frames / "durations.json").write_text(json.dumps({"V1": 20.5, "V2": 10.0, "V3": 8.0}))
+    result = CliRunner().invoke(app, ["vocab", "--set", "dataset.durations=[]"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tiny_dataset / "vocab" / "vocab_report.json").read_text())
+    assert report["annotations"]["train"]["cleaning"]["end_clipped"] == 1  # V2's 30.0 clipped to 10.0
+    prov = json.loads((tiny_dataset / "vocab" / "provenance.json").read_text())
+    assert prov["inputs"]["durations"]["path"].endswith("durations.json")

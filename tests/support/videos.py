@@ -31,11 +31,14 @@ def write_video(
     rotation: int | None = None,
     marker: bool = False,
     pix_fmt: str = "yuv420p",
+    audio: bool = False,
 ) -> Path:
-    """Encode `frames` index-coded frames; `pts_ms` gives variable frame times in milliseconds."""
+    """Encode `frames` index-coded frames; `pts_ms` gives variable frame times in milliseconds;
+    `audio` adds an AAC stream (a 440 Hz tone, as long as the video)."""
     with av.open(str(path), "w") as out:
         # with explicit times, a 1 ms codec time base keeps them exact (else they snap to 1/fps)
         stream = out.add_stream(codec, rate=1000 if pts_ms is not None else fps)
+        sound = out.add_stream("aac", rate=AUDIO_RATE) if audio else None
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         if codec == "libx264":
             stream.options = {"crf": "12", "g": "10", "bf": "0"}  # no B-frames: pts as given
@@ -51,7 +54,27 @@ def write_video(
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+        if sound is not None:
+            seconds = (pts_ms[-1] / 1000 if pts_ms is not None else frames / float(fps))
+            _write_tone(out, sound, seconds)
     return path
+
+
+AUDIO_RATE = 48000
+
+
+def _write_tone(out, stream, seconds: float) -> None:
+    t = np.arange(int(seconds * AUDIO_RATE)) / AUDIO_RATE
+    tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    block = 1024  # AAC's frame size
+    for start in range(0, len(tone), block):
+        chunk = tone[start:start + block][None]  # planar float: (channels, samples)
+        frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = AUDIO_RATE, start
+        for packet in stream.encode(frame):
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
 
 
 def index_of(frame: np.ndarray) -> int:

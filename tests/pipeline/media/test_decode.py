@@ -174,7 +174,7 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path):
         write_video(vids / f"v{i}.mp4", frames=45 + 7 * i, width=96, height=64)
     params = tmp_path / "params.yaml"
     out = tmp_path / "frames"  # both runs write here (the provenance records out_dir)
-    params.write_text(f"decode: {{video_dir: {vids}, out_dir: {out}, workers: 1}}\nfeatures: [clip]\n")
+    params.write_text(f"dataset: {{video_dir: {vids}}}\ndecode: {{out_dir: {out}, workers: 1}}\nfeatures: [clip]\n")
     cmd = [sys.executable, "-m", "pipeline.cli", "decode", "--params", str(params)]
     env = dict(os.environ, VMR_NO_PROGRESS="1")
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)

@@ -28,7 +28,7 @@ def tiny_params(root: Path) -> dict:
                     "splits": {"train": str(ann / "charades_sta_train.txt"), "test": str(ann / "charades_sta_test.txt")},
                     "durations": [str(ann / "Charades_v1_train.csv"), str(ann / "Charades_v1_test.csv")],
                     "video_captions": str(ann / "video_captions.json")},
-        "decode": {"video_dir": str(synth / "videos"), "out_dir": str(root / "work" / "frames"), "workers": 1},
+        "decode": {"out_dir": str(root / "work" / "frames"), "workers": 1},
         "merge": {"npy_dir": str(root / "work" / "npy"), "out_dir": str(root / "features")},
         "vocab": {"out_dir": str(root / "vocab"), "glove_file": str(synth / "glove.synthetic.300d.txt")},
         "trainer": {"out_dir": str(root / "runs"), "device": "cpu"},

@@ -226,3 +226,17 @@ def test_malformed_csv_inputs(tmp_path):
     (tmp_path / "data.json").write_text('{"sentences": [{"video_id": "video0", "caption": "a"}, {"caption": "b"}]}')
     with pytest.raises(AnnotationError, match=r"data.json: key 'sentences\[1\]'"):
         load_split(tmp_path / "data.json", "msrvtt_json", durations=[tmp_path / "split.csv"])
+
+
+def test_charades_sta_without_csv_takes_the_given_video_durations(tmp_path):
+    """Own videos: no Charades_v1 csv; the durations decode measured come in as {video id: seconds},
+    and the cleaning policy clips with them like with the csv's `length`."""
+    path = tmp_path / "train.txt"
+    path.write_text("a 0.0 2.5##one.\nb 1.0 9.0##two.\n")
+    queries = load_split(path, "charades_sta", video_durations={"a": 5.0, "b": 4.25}, cleaning="mmn")
+    assert [(q.video_id, q.duration, q.moment) for q in queries] == [("a", 5.0, (0.0, 2.5)), ("b", 4.25, (1.0, 4.25))]
+    assert queries.report["cleaning"]["end_clipped"] == 1
+    with pytest.raises(AnnotationError, match=r"train.txt:2: video 'b' has no duration in decode's records"):
+        load_split(path, "charades_sta", video_durations={"a": 5.0})
+    with pytest.raises(AnnotationError, match="needs durations"):
+        load_split(path, "charades_sta")
