@@ -354,6 +354,57 @@ def report(
     print_report(_params(params, set_))
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="model name (a key of `model`).")],
+    checkpoint: Annotated[Path | None, typer.Option(help="weights (default: `trainer.out_dir`/MODEL/best.pt).")] = None,
+    video_dir: Annotated[Path | None, typer.Option(help="folder whose videos the page offers (searched recursively).")] = None,
+    upload_dir: Annotated[Path | None, typer.Option(help="where uploads are kept (default: a temporary folder, removed at exit).")] = None,
+    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one (the URL is printed).")] = 7860,
+    host: Annotated[str, typer.Option(help="address to bind; the default keeps the page on this machine.")] = "127.0.0.1",
+    allow_recipe_mismatch: Annotated[bool, typer.Option(
+        help="serve weights whose feature recipe differs from this install's (recorded in every result).")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """A local web page: pick a video from --video-dir (or upload one), type queries, play the moments.
+
+    Reads: the checkpoint, params (the model's feature recipe). Writes: uploads to --upload-dir.
+    Stops on Ctrl+C.
+    """
+    import socket
+
+    import uvicorn
+
+    from pipeline.predict import Predictor
+    from pipeline.serve import create_app
+
+    cfg = _params(params, set_, profile)
+    if model not in cfg.model:
+        _fail(f"--model {model}: not a key of `model` in {params} (known: {', '.join(sorted(cfg.model))})")
+    checkpoint = checkpoint or Path(cfg.trainer.out_dir) / model / "best.pt"
+    if not checkpoint.is_file():
+        _fail(f"--checkpoint {checkpoint}: file not found (train first: vmr train --model {model})")
+    predictor = Predictor.from_checkpoint(checkpoint, allow_recipe_mismatch=allow_recipe_mismatch)
+    web = create_app(predictor, video_dir=video_dir, upload_dir=upload_dir, checkpoint=str(checkpoint))
+    # Bind here, not in uvicorn: a busy port is one clear error line, and --port 0 can print its URL.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port}: {e.strerror or e} (pick another --port)")
+    bound_port = sock.getsockname()[1]
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: listening on {host}: other machines can reach this page", err=True)
+    url_host = f"[{host}]" if ":" in host else host
+    typer.echo(f"vmr serve: http://{url_host}:{bound_port}/ (model {model}, {checkpoint}); Ctrl+C stops")
+    sys.stdout.flush()
+    server = uvicorn.Server(uvicorn.Config(web, log_level="warning"))
+    server.run(sockets=[sock])
+
+
 def main() -> None:  # `python -m pipeline.cli` (used by torchrun re-launch)
     app()
 

@@ -18,7 +18,7 @@ LAYERS = [
     ["extractors"],
     ["models"],
     ["stages"],
-    ["pipeline.cli", "pipeline.dag", "pipeline.report", "pipeline.lineage"],  # the app
+    ["pipeline.cli", "pipeline.dag", "pipeline.report", "pipeline.lineage", "pipeline.serve"],  # the app
 ]
 INDEPENDENT = 2  # the layer whose entries must not import each other
 
