@@ -370,8 +370,8 @@ def serve(
 ) -> None:
     """A local web page: pick a video from --video-dir (or upload one), type queries, play the moments.
 
-    Reads: the checkpoint, params (the model's feature recipe). Writes: uploads to --upload-dir.
-    Stops on Ctrl+C.
+    Reads: the checkpoint (and the feature recipe in its provenance), params `trainer.out_dir` and
+    `trainer.device`. Writes: uploads to --upload-dir. Stops on Ctrl+C.
     """
     import socket
 
@@ -381,28 +381,29 @@ def serve(
     from pipeline.serve import create_app
 
     cfg = _params(params, set_, profile)
-    if model not in cfg.model:
-        _fail(f"--model {model}: not a key of `model` in {params} (known: {', '.join(sorted(cfg.model))})")
     checkpoint = checkpoint or Path(cfg.trainer.out_dir) / model / "best.pt"
     if not checkpoint.is_file():
         _fail(f"--checkpoint {checkpoint}: file not found (train first: vmr train --model {model})")
-    predictor = Predictor.from_checkpoint(checkpoint, allow_recipe_mismatch=allow_recipe_mismatch)
-    web = create_app(predictor, video_dir=video_dir, upload_dir=upload_dir, checkpoint=str(checkpoint))
-    # Bind here, not in uvicorn: a busy port is one clear error line, and --port 0 can print its URL.
+    if video_dir is not None and not video_dir.is_dir():
+        _fail(f"--video-dir {video_dir}: no such folder")
+    # Bind before loading the model: a busy port is one quick error line, and --port 0 can print its URL.
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
+        sock.close()
         _fail(f"cannot listen on {host}:{port}: {e.strerror or e} (pick another --port)")
-    bound_port = sock.getsockname()[1]
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        typer.echo(f"warning: listening on {host}: other machines can reach this page", err=True)
-    url_host = f"[{host}]" if ":" in host else host
-    typer.echo(f"vmr serve: http://{url_host}:{bound_port}/ (model {model}, {checkpoint}); Ctrl+C stops")
-    sys.stdout.flush()
-    server = uvicorn.Server(uvicorn.Config(web, log_level="warning"))
-    server.run(sockets=[sock])
+    with sock:
+        predictor = Predictor.from_checkpoint(checkpoint, allow_recipe_mismatch=allow_recipe_mismatch,
+                                              device=cfg.trainer.device, model=model)
+        web = create_app(predictor, video_dir=video_dir, upload_dir=upload_dir, checkpoint=str(checkpoint))
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            typer.echo(f"warning: listening on {host}: other machines can reach this page", err=True)
+        url_host = f"[{host}]" if ":" in host else host
+        typer.echo(f"vmr serve: http://{url_host}:{sock.getsockname()[1]}/ (model {model}, {checkpoint}); Ctrl+C stops")
+        sys.stdout.flush()
+        uvicorn.Server(uvicorn.Config(web, log_level="warning")).run(sockets=[sock])
 
 
 def main() -> None:  # `python -m pipeline.cli` (used by torchrun re-launch)

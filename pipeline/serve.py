@@ -41,7 +41,8 @@ from pipeline.core.errors import VmrError
 PAGE = Path(__file__).with_name("static") / "serve.html"
 # Containers a browser can usually play (H.264/VP9/AV1 inside); others still get predictions.
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".webm", ".mkv", ".mov", ".avi", ".ogv")
-SOURCES = ("folder", "upload")
+# what a video id's first part names, in messages
+PLACES = {"folder": "--video-dir", "upload": "the upload folder"}
 MAX_QUERIES = 50
 UPLOAD_CHUNK = 1 << 20
 
@@ -98,15 +99,15 @@ class Library:
         if source not in roots:
             raise HTTPException(404, f"unknown video {vid!r}: ids start with one of "
                                      f"{', '.join(s + '/' for s in roots)} (see /api/videos)")
-        parts = PurePosixPath(rel).parts
-        if not rel or rel.startswith("/") or "\\" in rel or ".." in parts:
-            raise HTTPException(400, f"video {vid!r}: the name must be a path inside the {source} folder")
+        outside = HTTPException(400, f"video {vid!r}: the name must be a path inside {PLACES[source]}")
+        if not rel or rel.startswith("/") or "\\" in rel or ".." in PurePosixPath(rel).parts:
+            raise outside
         root = roots[source].resolve()
         path = (root / rel).resolve()
         if not path.is_relative_to(root):  # a symbolic link that points out of the folder
-            raise HTTPException(400, f"video {vid!r}: the name must be a path inside the {source} folder")
+            raise outside
         if not (path.is_file() and is_video_name(path.name)):
-            raise HTTPException(404, f"unknown video {vid!r}: no such video in the {source} folder (see /api/videos)")
+            raise HTTPException(404, f"unknown video {vid!r}: no such video in {PLACES[source]} (see /api/videos)")
         return path
 
 
@@ -140,6 +141,9 @@ def create_app(predictor: Predicts, video_dir: Path | None = None, upload_dir: P
     folder that lives as long as the app."""
     if video_dir is not None and not video_dir.is_dir():
         raise VmrError(f"--video-dir {video_dir}: no such folder")
+    if predictor.task != "grounding":
+        raise VmrError(f"model '{predictor.model_name}' ranks whole videos ({predictor.task}); the page shows "
+                       "moments of a grounding model")
     keep_alive: list[Any] = []
     if upload_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="vmr-serve-uploads-")
