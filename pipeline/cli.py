@@ -364,6 +364,8 @@ def serve(
     host: Annotated[str, typer.Option(help="address to bind; the default keeps the page on this machine.")] = "127.0.0.1",
     allow_recipe_mismatch: Annotated[bool, typer.Option(
         help="serve weights whose feature recipe differs from this install's (recorded in every result).")] = False,
+    cache_dir: Annotated[Path | None, typer.Option(
+        help="features of videos already seen (default: $VMR_CACHE_DIR or ~/.cache/vmr/predict).")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     profile: ProfileOpt = None,
@@ -371,7 +373,7 @@ def serve(
     """A local web page: pick a video from --video-dir (or upload one), type queries, play the moments.
 
     Reads: the checkpoint (and the feature recipe in its provenance), params `trainer.out_dir` and
-    `trainer.device`. Writes: uploads to --upload-dir. Stops on Ctrl+C.
+    `trainer.device`. Writes: uploads to --upload-dir, video features to --cache-dir. Ctrl+C stops.
     """
     import socket
 
@@ -396,7 +398,7 @@ def serve(
         _fail(f"cannot listen on {host}:{port}: {e.strerror or e} (pick another --port)")
     with sock:
         predictor = Predictor.from_checkpoint(checkpoint, allow_recipe_mismatch=allow_recipe_mismatch,
-                                              device=cfg.trainer.device, model=model)
+                                              cache_dir=cache_dir, device=cfg.trainer.device, model=model)
         web = create_app(predictor, video_dir=video_dir, upload_dir=upload_dir, checkpoint=str(checkpoint))
         if host not in ("127.0.0.1", "localhost", "::1"):
             typer.echo(f"warning: listening on {host}: other machines can reach this page", err=True)

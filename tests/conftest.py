@@ -47,3 +47,19 @@ def _few_threads():
     except ImportError:
         pass
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
+    """A tiny MMN trained through the CLI on generated videos (tests/support/trained.py): minutes,
+    so only slow tests use it; made once per session."""
+    from support.trained import train_tiny_mmn
+
+    return train_tiny_mmn(tmp_path_factory.mktemp("tiny-mmn"))
+
+
+@pytest.fixture(scope="session")
+def tiny_predictor(tiny_trained, tmp_path_factory):
+    from pipeline.predict import Predictor
+
+    return Predictor.from_checkpoint(tiny_trained.checkpoint, cache_dir=tmp_path_factory.mktemp("predict-cache"))

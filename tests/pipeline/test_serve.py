@@ -1,6 +1,10 @@
-"""`vmr serve`'s HTTP API without a browser (FastAPI's TestClient), on a real trained checkpoint and
-the real Predictor: listing, upload, predict, Range requests, and bad input answered 4xx with a message.
-The page in a real browser: tests/pipeline/test_serve_browser.py."""
+"""`vmr serve`'s HTTP API without a browser (FastAPI's TestClient): listing, upload, predict, Range
+requests, and bad input answered 4xx with a message. The page in a real browser:
+tests/pipeline/test_serve_browser.py.
+
+Routes that must not run the model (files, listing, uploads, input checks) are tested fast, on an app
+whose model refuses to be called. Prediction is tested on a real checkpoint (a tiny MMN trained
+through the CLI) with the real Predictor; making it takes minutes, so those tests are slow."""
 
 from __future__ import annotations
 
@@ -16,8 +20,19 @@ from pipeline.cli import app as cli
 from pipeline.serve import create_app
 
 
+class NoModel:
+    """The app's model where a route must not touch it: any call fails the test."""
+
+    model_name, checkpoint_sha256, task = "mmn", "0" * 64, "grounding"
+
+    def predict(self, *args, **kwargs):
+        raise AssertionError("this route must not run the model")
+
+    thumbnail = predict
+
+
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, tiny_trained):
+def folder(tmp_path_factory):
     """The videos the page offers: two the model has not seen, one in a subfolder, and things to skip."""
     root = tmp_path_factory.mktemp("videos")
     write_video(root / "a.mp4", frames=90, fps=15)
@@ -28,16 +43,27 @@ def folder(tmp_path_factory, tiny_trained):
     return root
 
 
+def make_client(predictor, folder, uploads):
+    client = TestClient(create_app(predictor, video_dir=folder, upload_dir=uploads, checkpoint="best.pt"))
+    client.uploads = uploads
+    return client
+
+
 @pytest.fixture(scope="module")
-def client(folder, tiny_predictor, tmp_path_factory):
-    uploads = tmp_path_factory.mktemp("uploads")
-    with TestClient(create_app(tiny_predictor, video_dir=folder, upload_dir=uploads, checkpoint="best.pt")) as c:
-        c.uploads = uploads
+def client(folder, tmp_path_factory):
+    with make_client(NoModel(), folder, tmp_path_factory.mktemp("uploads")) as c:
         yield c
 
 
-def test_info_names_the_model_and_checkpoint(client, tiny_predictor):
-    info = client.get("/api/info").json()
+@pytest.fixture(scope="module")
+def real(folder, tiny_predictor, tmp_path_factory):
+    with make_client(tiny_predictor, folder, tmp_path_factory.mktemp("uploads")) as c:
+        yield c
+
+
+@pytest.mark.slow
+def test_info_names_the_model_and_checkpoint(real, tiny_predictor):
+    info = real.get("/api/info").json()
     assert info["model"] == tiny_predictor.model_name == "mmn"
     assert info["task"] == "grounding"
     assert info["checkpoint_sha256"] == tiny_predictor.checkpoint_sha256
@@ -59,8 +85,9 @@ def test_lists_the_videos_of_the_folder(client):
     assert a["url"] == "/videos/folder/a.mp4" and a["size"] > 0
 
 
-def test_predict_returns_ranked_moments_inside_the_video(client, tiny_predictor, folder):
-    response = client.post("/api/predict", json={"video": "folder/a.mp4",
+@pytest.mark.slow
+def test_predict_returns_ranked_moments_inside_the_video(real, tiny_predictor, folder):
+    response = real.post("/api/predict", json={"video": "folder/a.mp4",
                                                   "queries": "a person opens a door\n\n  someone sits down  \n",
                                                   "top_k": 3})
     assert response.status_code == 200, response.text
@@ -94,22 +121,34 @@ def test_the_video_answers_range_requests(client, folder):
     assert past_the_end.status_code == 416
 
 
-def test_thumbnail_is_a_jpeg(client):
-    response = client.get("/api/thumbnail", params={"video": "folder/a.mp4", "t": 2.0})
+@pytest.mark.slow
+def test_thumbnail_is_a_jpeg(real):
+    response = real.get("/api/thumbnail", params={"video": "folder/a.mp4", "t": 2.0})
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
     assert response.content[:3] == b"\xff\xd8\xff"
 
 
-def test_upload_then_predict_on_it(client, folder):
+def upload(client, folder) -> dict:
     data = (folder / "sub" / "b.mp4").read_bytes()
     response = client.post("/api/upload", files={"file": ("../../my clip.mp4", data, "video/mp4")})
     assert response.status_code == 200, response.text
     entry = response.json()
     # the name is reduced to a safe base name inside the upload folder
     assert entry["id"] == "upload/my_clip.mp4" and (client.uploads / "my_clip.mp4").read_bytes() == data
+    assert not [p.name for p in client.uploads.iterdir() if p.name.startswith(".tmp-")]
     assert entry["id"] in [v["id"] for v in client.get("/api/videos").json()]
     assert client.get(entry["url"]).content == data
-    records = client.post("/api/predict", json={"video": entry["id"], "queries": ["a person walks"]}).json()["records"]
+    return entry
+
+
+def test_upload_is_listed_and_served(client, folder):
+    upload(client, folder)
+
+
+@pytest.mark.slow
+def test_upload_then_predict_on_it(real, folder):
+    entry = upload(real, folder)
+    records = real.post("/api/predict", json={"video": entry["id"], "queries": ["a person walks"]}).json()["records"]
     assert abs(records[0]["duration"] - 4.0) < 0.2 and records[0]["moments"]
 
 
@@ -154,10 +193,11 @@ def test_video_files_stay_inside_their_folder(client, folder, tmp_path):
         (folder / "link.mp4").unlink()
 
 
-def test_a_video_the_predictor_cannot_read_is_a_400(client, folder):
+@pytest.mark.slow
+def test_a_video_the_predictor_cannot_read_is_a_400(real, folder):
     (folder / "broken.mp4").write_bytes(b"\x00" * 1000)
     try:
-        response = client.post("/api/predict", json={"video": "folder/broken.mp4", "queries": "x"})
+        response = real.post("/api/predict", json={"video": "folder/broken.mp4", "queries": "x"})
         assert response.status_code == 400, response.text
         assert "broken.mp4" in response.json()["detail"]
     finally:
@@ -167,26 +207,34 @@ def test_a_video_the_predictor_cannot_read_is_a_400(client, folder):
 # -- the command ------------------------------------------------------------------------------------
 
 
-def test_serve_without_a_checkpoint_is_one_error_line(tmp_path, tiny_trained):
-    result = CliRunner().invoke(cli, ["serve", "--model", "mmn", "--params", str(tiny_trained.params),
-                                      "--checkpoint", str(tmp_path / "nope.pt")])
+# The command checks its input and binds the port before it loads the model: no trained one needed.
+
+
+@pytest.fixture
+def some_file(tmp_path):
+    path = tmp_path / "best.pt"
+    path.write_bytes(b"never loaded")
+    return path
+
+
+def test_serve_without_a_checkpoint_is_one_error_line(tmp_path):
+    result = CliRunner().invoke(cli, ["serve", "--model", "mmn", "--checkpoint", str(tmp_path / "nope.pt")])
     assert result.exit_code == 2
     assert "nope.pt" in result.output and "not found" in result.output
 
 
-def test_serve_on_a_busy_port_is_one_error_line(tiny_trained):
+def test_serve_on_a_busy_port_is_one_error_line(some_file):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = CliRunner().invoke(cli, ["serve", "--model", "mmn", "--params", str(tiny_trained.params),
-                                          "--checkpoint", str(tiny_trained.checkpoint), "--port", str(port)])
+        result = CliRunner().invoke(cli, ["serve", "--model", "mmn", "--checkpoint", str(some_file),
+                                          "--port", str(port)])
     assert result.exit_code == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.output
 
 
-def test_serve_refuses_a_missing_video_dir(tmp_path, tiny_trained):
-    result = CliRunner().invoke(cli, ["serve", "--model", "mmn", "--params", str(tiny_trained.params),
-                                      "--checkpoint", str(tiny_trained.checkpoint),
+def test_serve_refuses_a_missing_video_dir(tmp_path, some_file):
+    result = CliRunner().invoke(cli, ["serve", "--model", "mmn", "--checkpoint", str(some_file),
                                       "--video-dir", str(tmp_path / "none")])
     assert result.exit_code == 2 and "--video-dir" in result.output and "no such folder" in result.output

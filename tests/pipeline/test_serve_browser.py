@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support.videos import write_video
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +41,7 @@ def server(tmp_path, tiny_trained):
     write_video(videos / "street.mp4", frames=120, fps=15, width=96, height=64)  # 8 s
     write_video(videos / "kitchen.mp4", frames=60, fps=15)
     cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model", "mmn", "--params", str(tiny_trained.params),
-           "--checkpoint", str(tiny_trained.checkpoint), "--video-dir", str(videos), "--port", "0"]
+           "--checkpoint", str(tiny_trained.checkpoint), "--video-dir", str(videos), "--cache-dir", str(tmp_path / "cache"), "--port", "0"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, cwd=tiny_trained.params.parent, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
