@@ -327,6 +327,161 @@ def score(
     typer.echo(f"metrics written to {out}")
 
 
+def _videos(paths: list[Path]) -> list[Path]:
+    """Video files, folders expanded to their videos (sorted); a missing path is an error."""
+    from pipeline.media.decode import list_videos
+
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = list(list_videos(p).values())
+            if not found:
+                _fail(f"{p}: no video files in the folder")
+            out += found
+        elif p.exists():
+            out.append(p)
+        else:
+            _fail(f"{p}: no such video file or folder")
+    return out
+
+
+def _fallback_recipes(params: Params, model: str) -> dict:
+    """The extractor settings of params for the model's feature files, used only when the
+    checkpoint's recipe cannot be read and --allow-recipe-mismatch is given."""
+    from pipeline.predict.recipe import FeatureRecipe
+
+    if model not in params.model:
+        return {}
+    needs = MODELS.get(model).needs(MODELS.config(params, model), params.dataset)
+    return {name: FeatureRecipe(name=name, extractor=name,
+                                config=EXTRACTORS.config(params, name).model_dump(exclude={"device", "threads"}),
+                                protocol_key=None, weights="unknown", decode_backend=params.decode.backend,
+                                merge=params.merge.model_dump(include={"dtype", "compression", "layout"}))
+            for name in needs.features if name in EXTRACTORS}
+
+
+def _write_outputs(outputs: dict[Path, str]) -> None:
+    """Write every rendered output (each atomically), only once all of them rendered."""
+    from pipeline.core.atomic import write_text
+
+    for path, text in outputs.items():
+        write_text(path, text)
+        typer.echo(f"wrote {path}", err=True)
+
+
+CheckpointOpt = Annotated[Path | None, typer.Option(
+    help="the checkpoint (default: `trainer.out_dir`/MODEL/best.pt); its provenance record must be beside it.")]
+AllowMismatchOpt = Annotated[bool, typer.Option(
+    help="go on when the features cannot be made as for training (a warning; recorded in every output record).")]
+CacheDirOpt = Annotated[Path | None, typer.Option(
+    help="where features of predicted videos are cached (default: $VMR_CACHE_DIR or ~/.cache/vmr/predict).")]
+DeviceOpt = Annotated[str, typer.Option(help="torch device for extraction and the model: cpu, cuda, auto.")]
+
+
+@app.command()
+def predict(
+    videos: Annotated[list[Path], typer.Argument(help="video files and/or folders of videos.")],
+    model: Annotated[str, typer.Option(help="grounding model name (mmn, mesm, cnm, mrnet).")],
+    query: Annotated[list[str] | None, typer.Option("--query", help="a query; repeatable.")] = None,
+    queries: Annotated[Path | None, typer.Option(
+        help="query file: jsonl lines {\"qid\", \"query\", \"vid\"} (no windows) or one query per line.")] = None,
+    checkpoint: CheckpointOpt = None,
+    top_k: Annotated[int, typer.Option(help="moments per query.")] = 5,
+    out: Annotated[Path | None, typer.Option(help="output file: .json, .jsonl, .csv or .srt (default: JSON on stdout).")] = None,
+    html: Annotated[Path | None, typer.Option(help="also write a self-contained HTML page (timelines, thumbnails, player).")] = None,
+    allow_recipe_mismatch: AllowMismatchOpt = False,
+    cache_dir: CacheDirOpt = None,
+    device: DeviceOpt = "cpu",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Find where in new videos each query happens, with a trained grounding model.
+
+    The videos are decoded and their features extracted exactly as for the checkpoint's training
+    (read from its provenance: extractor, protocol, weights sha256, PCA, query encoder), then cached
+    by content. Refuses (exit 2) a recipe that cannot be reproduced, unless --allow-recipe-mismatch.
+
+    Reads: the videos, the checkpoint and the provenance chain of its training features.
+    Writes: --out (ranked moments per query: start, end, score; the video, the query, the
+    checkpoint sha256) and --html; features under --cache-dir.
+    """
+    from pipeline.predict import Predictor
+    from pipeline.predict.output import output_format, render, render_html
+    from pipeline.predict.predictor import check_queries
+    from pipeline.predict.queries import AskedQuery, assign, read_query_file
+
+    p = _params(params, set_, profile)
+    if model not in MODELS:
+        _fail(f"--model {model}: unknown model; expected one of {MODELS.names()}")
+    if (query is None) == (queries is None):
+        _fail("give the queries with --query TEXT (repeatable) or --queries FILE, not both")
+    fmt = output_format(out) if out else "json"  # a bad suffix fails before any work
+    asked = read_query_file(queries) if queries else [AskedQuery(q) for q in query]
+    check_queries([q.text for q in asked])
+    jobs = assign(asked, _videos(videos))
+    predictor = Predictor.from_checkpoint(
+        checkpoint or Path(p.trainer.out_dir) / model / "best.pt", allow_recipe_mismatch=allow_recipe_mismatch,
+        cache_dir=cache_dir, device=device, model=model, fallback=_fallback_recipes(p, model))
+    if predictor.task != "grounding":
+        _fail(f"--model {model} ranks videos for a query: use `vmr search`")
+    results = predictor.predict_many([(video, [q.text for q in qs]) for video, qs in jobs], top_k)
+    records = []
+    for (_, qs), recs in zip(jobs, results, strict=True):
+        for q, rec in zip(qs, recs, strict=True):
+            records.append({"qid": q.qid, **rec} if q.qid is not None else rec)
+    outputs = {}
+    if out:
+        outputs[out] = render(records, fmt)
+    if html:
+        outputs[html] = render_html(records, predictor.thumbnail, html)
+    if not out:
+        typer.echo(render(records, "json"), nl=False)
+    _write_outputs(outputs)
+
+
+@app.command()
+def search(
+    videos: Annotated[list[Path], typer.Argument(help="video files and/or folders of videos to rank.")],
+    model: Annotated[str, typer.Option(help="retrieval model name (glscl).")],
+    query: Annotated[str, typer.Option(help="the text to rank the videos for.")],
+    checkpoint: CheckpointOpt = None,
+    top_k: Annotated[int | None, typer.Option(help="videos listed (default: all).")] = None,
+    out: Annotated[Path | None, typer.Option(help="output file: .json, .jsonl or .csv (default: JSON on stdout).")] = None,
+    allow_recipe_mismatch: AllowMismatchOpt = False,
+    cache_dir: CacheDirOpt = None,
+    device: DeviceOpt = "cpu",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Rank the videos of a folder for a query with a trained retrieval model (GLSCL).
+
+    Features are made and cached as for `vmr predict`. Reads: the videos, the checkpoint and its
+    provenance chain (and its training feature file). Writes: --out (videos, best first, with scores).
+    """
+    from pipeline.predict import Predictor
+    from pipeline.predict.output import output_format, render
+    from pipeline.predict.predictor import check_queries
+
+    p = _params(params, set_, profile)
+    if model not in MODELS:
+        _fail(f"--model {model}: unknown model; expected one of {MODELS.names()}")
+    fmt = output_format(out) if out else "json"
+    if fmt == "srt":
+        _fail("--out: search results have no times; use .json, .jsonl or .csv")
+    check_queries([query])
+    found = _videos(videos)
+    predictor = Predictor.from_checkpoint(
+        checkpoint or Path(p.trainer.out_dir) / model / "best.pt", allow_recipe_mismatch=allow_recipe_mismatch,
+        cache_dir=cache_dir, device=device, model=model, fallback=_fallback_recipes(p, model))
+    records = predictor.search(found, query, top_k)
+    if out:
+        _write_outputs({out: render(records, fmt)})
+    else:
+        typer.echo(render(records, "json"), nl=False)
+
+
 @app.command()
 def lineage(path: Annotated[Path, typer.Argument(help="an artifact written by a vmr stage.")]) -> None:
     """Print the chain of stages, params, inputs and weights that made PATH, back to the raw inputs.
@@ -356,24 +511,26 @@ def report(
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="model name (a key of `model`).")],
-    checkpoint: Annotated[Path | None, typer.Option(help="weights (default: `trainer.out_dir`/MODEL/best.pt).")] = None,
+    model: Annotated[str, typer.Option(help="grounding model name (mmn, mesm, cnm, mrnet).")],
+    checkpoint: CheckpointOpt = None,
     video_dir: Annotated[Path | None, typer.Option(help="folder whose videos the page offers (searched recursively).")] = None,
     upload_dir: Annotated[Path | None, typer.Option(help="where uploads are kept (default: a temporary folder, removed at exit).")] = None,
     port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one (the URL is printed).")] = 7860,
     host: Annotated[str, typer.Option(help="address to bind; the default keeps the page on this machine.")] = "127.0.0.1",
-    allow_recipe_mismatch: Annotated[bool, typer.Option(
-        help="serve weights whose feature recipe differs from this install's (recorded in every result).")] = False,
-    cache_dir: Annotated[Path | None, typer.Option(
-        help="features of videos already seen (default: $VMR_CACHE_DIR or ~/.cache/vmr/predict).")] = None,
+    allow_recipe_mismatch: AllowMismatchOpt = False,
+    cache_dir: CacheDirOpt = None,
+    device: DeviceOpt = "cpu",
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     profile: ProfileOpt = None,
 ) -> None:
     """A local web page: pick a video from --video-dir (or upload one), type queries, play the moments.
 
-    Reads: the checkpoint (and the feature recipe in its provenance), params `trainer.out_dir` and
-    `trainer.device`. Writes: uploads to --upload-dir, video features to --cache-dir. Ctrl+C stops.
+    Predictions are `vmr predict`'s (the same Predictor, recipe checks and cache). Binds 127.0.0.1
+    unless --host says otherwise; Ctrl+C stops.
+
+    Reads: the checkpoint and the provenance chain of its training features, --video-dir.
+    Writes: uploads to --upload-dir, features under --cache-dir.
     """
     import socket
 
@@ -382,8 +539,10 @@ def serve(
     from pipeline.predict import Predictor
     from pipeline.serve import create_app
 
-    cfg = _params(params, set_, profile)
-    checkpoint = checkpoint or Path(cfg.trainer.out_dir) / model / "best.pt"
+    p = _params(params, set_, profile)
+    if model not in MODELS:
+        _fail(f"--model {model}: unknown model; expected one of {MODELS.names()}")
+    checkpoint = checkpoint or Path(p.trainer.out_dir) / model / "best.pt"
     if not checkpoint.is_file():
         _fail(f"--checkpoint {checkpoint}: file not found (train first: vmr train --model {model})")
     if video_dir is not None and not video_dir.is_dir():
@@ -398,7 +557,8 @@ def serve(
         _fail(f"cannot listen on {host}:{port}: {e.strerror or e} (pick another --port)")
     with sock:
         predictor = Predictor.from_checkpoint(checkpoint, allow_recipe_mismatch=allow_recipe_mismatch,
-                                              cache_dir=cache_dir, device=cfg.trainer.device, model=model)
+                                              cache_dir=cache_dir, device=device, model=model,
+                                              fallback=_fallback_recipes(p, model))
         web = create_app(predictor, video_dir=video_dir, upload_dir=upload_dir, checkpoint=str(checkpoint))
         if host not in ("127.0.0.1", "localhost", "::1"):
             typer.echo(f"warning: listening on {host}: other machines can reach this page", err=True)

@@ -18,7 +18,8 @@ LAYERS = [
     ["extractors"],
     ["models"],
     ["stages"],
-    ["pipeline.cli", "pipeline.dag", "pipeline.report", "pipeline.lineage", "pipeline.serve"],  # the app
+    ["pipeline.cli", "pipeline.dag", "pipeline.report", "pipeline.lineage", "pipeline.predict",
+     "pipeline.serve"],  # the app
 ]
 INDEPENDENT = 2  # the layer whose entries must not import each other
 

@@ -167,7 +167,8 @@ class FeatureCache:
         merged = entry / f"{f.extractor}.h5" if f.pca else entry / f"{f.name}.h5"
         merge_to_hdf5(npy_dir, merged, dtype=f.merge.get("dtype", "float32"),
                       compression=f.merge.get("compression", "none"), layout=f.merge.get("layout", "flat"),
-                      dim=extractor.dim, provenance={"stage": "predict", "recipe": dataclasses.asdict(f),
+                      dim=extractor.dim, provenance={"stage": "predict",
+                                                     "recipe": json.loads(json.dumps(dataclasses.asdict(f), default=str)),
                                                      "weights": {f.extractor: weights}})
         if f.pca:
             mean, components = self._pca_basis(f)

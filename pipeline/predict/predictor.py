@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import shutil
 import tempfile
 import weakref
@@ -28,8 +29,8 @@ from pipeline.core.params import DatasetParams
 from pipeline.core.progress import log
 from pipeline.media.extract import resolve_device
 from pipeline.predict.features import CachedVideo, FeatureCache, VideoError, default_cache_dir
-from pipeline.predict.recipe import Recipe, read_recipe
-from pipeline.text.annotations import Query
+from pipeline.predict.recipe import FeatureRecipe, Recipe, read_recipe
+from pipeline.text.annotations import Query, load_dataset_split
 from pipeline.text.sentence_features import (
     encode_sentences,
     load_text_encoder,
@@ -66,6 +67,21 @@ class PredictionData(DataContext):
         return list(self.asked)
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchData(PredictionData):
+    """Search: the `predict` split holds one query record per searched video; `train` is the real
+    training split (a retrieval model may derive statistics from its videos when it reads a split)."""
+
+    train: tuple = ()
+
+    @property
+    def splits(self) -> list[str]:
+        return [SPLIT, "train"]
+
+    def queries(self, split: str) -> list:
+        return list(self.train if split == "train" else self.asked)
+
+
 class Predictor:
     def __init__(self, recipe: Recipe, *, allow_recipe_mismatch: bool = False, cache_dir: str | Path | None = None,
                  device: str = "cpu"):
@@ -76,9 +92,10 @@ class Predictor:
             log(f"WARNING: recipe mismatch, overridden: {m}")
         for note in recipe.notes:
             log(f"note: {note}")
-        if not recipe.features:
-            raise RecipeMismatch(f"{recipe.checkpoint}: no feature recipe could be read, so none can be "
-                                 "reproduced, even with --allow-recipe-mismatch")
+        if recipe.missing:
+            raise RecipeMismatch(f"{recipe.checkpoint}: no usable recipe for the feature file(s) {recipe.missing} "
+                                 "(" + "; ".join(recipe.mismatches) + "), and no extractor settings to use "
+                                 "instead: nothing to extract with, even with --allow-recipe-mismatch")
         self.recipe = recipe
         self.cls = MODELS.get(recipe.model)
         self.device = resolve_device(device)
@@ -90,13 +107,15 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, allow_recipe_mismatch: bool = False, cache_dir: str | Path | None = None,
-                        device: str = "cpu", model: str | None = None) -> Predictor:
-        """`model`: the model kind the caller expects (a checkpoint of another kind is refused)."""
+                        device: str = "cpu", model: str | None = None,
+                        fallback: dict[str, FeatureRecipe] | None = None) -> Predictor:
+        """`model`: the model kind the caller expects (a checkpoint of another kind is refused).
+        `fallback`: feature recipes used where the checkpoint's cannot be read (a recorded mismatch)."""
         path = Path(path)
         if not path.is_file():
             raise PredictError(f"{path}: checkpoint not found")
         try:
-            recipe = read_recipe(path, model)
+            recipe = read_recipe(path, model, fallback)
         except ValueError as e:
             raise PredictError(str(e)) from None
         return cls(recipe, allow_recipe_mismatch=allow_recipe_mismatch, cache_dir=cache_dir, device=device)
@@ -219,7 +238,47 @@ class Predictor:
         write_query_features(Path(data.features_dir) / f"{spec.name}.h5", keys, features)
 
     def _retrieve(self, videos: list[CachedVideo], query: str) -> list[float]:
-        raise PredictError("search is not available yet")  # replaced below when implemented
+        """Scores of `videos` for `query` through the model's own retrieval path (`eval_data` ->
+        `encode_text` / `encode_video` / `similarity`). GLSCL reads, besides the split's videos, the
+        training videos (the mean frame feature it removes): the split's feature file links to both,
+        and the captions file gives each searched video the query as its caption."""
+        import h5py
+
+        cfg = self.cls.Config.model_validate(self.recipe.model_config)
+        if getattr(cfg, "source", None) != "video_captions" or getattr(cfg, "input", None) != "features":
+            raise PredictError(f"search supports retrieval models trained on feature files with captions "
+                               f"(model.{self.model_name}.source: video_captions, input: features)")
+        dataset = DatasetParams.model_validate(self.recipe.dataset)
+        train = load_dataset_split(dataset, "train")
+        train_ids = sorted({q.video_id for q in train})
+        root = Path(tempfile.mkdtemp(prefix="search-", dir=self._scratch))
+        for f in self.recipe.features:
+            if f.path is None:
+                raise RecipeMismatch(f"the training feature file '{f.name}' is not on this machine: "
+                                     "search needs its training videos")
+            # HDF5 external links: one file that reads the training rows and each searched video's
+            # cached rows in place (nothing copied)
+            with h5py.File(root / f"{f.name}.h5", "w") as h5:
+                for vid in train_ids:
+                    h5[vid] = h5py.ExternalLink(str(Path(f.path).resolve()), vid)
+                for v in videos:
+                    if v.video_id not in h5:
+                        h5[v.video_id] = h5py.ExternalLink(str(v.feature_file(f.name).resolve()), v.video_id)
+        captions = json.loads(Path(dataset.video_captions).read_text())
+        captions |= {v.video_id: query for v in videos}
+        (root / "captions.json").write_text(json.dumps(captions))
+        unique = list({v.video_id: v for v in videos}.values())
+        asked = tuple(Query(dataset="predict", split=SPLIT, video_id=v.video_id, duration=v.duration, moments=(),
+                            sentence=query, qid=v.video_id) for v in unique)
+        data = SearchData(dataset=dataset.model_copy(update={"video_captions": str(root / "captions.json")}),
+                          features_dir=root, vocab_dir=self.recipe.vocab_dir or root, frames_dir=root / "frames",
+                          run_dir=root / "run", seed=self.recipe.seed, asked=asked, train=tuple(train))
+        net, _ = load_for_evaluation(self.cls, self.recipe.checkpoint, data, self.device)
+        env = Dist(rank=0, world_size=1, device=self.device)
+        result = predict(net, net.eval_data(SPLIT, data), net.cfg.eval_batch_size, env)
+        column = {vid: j for j, vid in enumerate(result.video_vids)}
+        row = result.similarity[0]  # every text is the query
+        return [float(row[column[v.video_id]]) for v in videos]
 
 
 def check_queries(queries: list[str]) -> None:

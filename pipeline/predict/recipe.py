@@ -49,6 +49,7 @@ class FeatureRecipe:
     decode_backend: str = "pyav"
     merge: dict[str, Any] = dataclasses.field(default_factory=dict)  # dtype, compression, layout
     pca: PCAStep | None = None
+    path: Path | None = None  # the training feature file, found here (GLSCL's search reads its train rows)
 
 
 @dataclasses.dataclass
@@ -74,11 +75,12 @@ class Recipe:
     query: QueryRecipe | None
     vocab_dir: Path | None
     mismatches: list[str]  # what cannot be reproduced (the Predictor refuses unless told otherwise)
+    missing: list[str]  # feature files with no usable recipe at all (nothing to extract with)
     notes: list[str]  # what was assumed (logged)
 
     def digest(self) -> str:
         """What the cached features of a video depend on (the cache key, with the video's sha256)."""
-        parts = [dataclasses.asdict(f) | {"pca": None if f.pca is None else {
+        parts = [dataclasses.asdict(f) | {"path": None, "pca": None if f.pca is None else {
             "source": sha256_file(f.pca.source_file), "fit": f.pca.fit_videos, "k": f.pca.components}}
             for f in self.features]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -96,9 +98,12 @@ def locate(recorded: str | os.PathLike, anchor: Path) -> Path | None:
     return None
 
 
-def read_recipe(checkpoint: Path, model: str | None = None) -> Recipe:
+def read_recipe(checkpoint: Path, model: str | None = None, fallback: dict[str, FeatureRecipe] | None = None) -> Recipe:
     """The recipe of `checkpoint` (see the module docstring). Raises `ValueError` only where there is
-    nothing to read: no record next to the checkpoint, or a checkpoint of another model."""
+    nothing to read: no record next to the checkpoint, or a checkpoint of another model.
+
+    `fallback` {feature file name: recipe} (the CLI: the extractor configs of params.yaml) stands in
+    for a feature file whose recipe cannot be read; using it is itself a mismatch."""
     checkpoint = Path(checkpoint)
     record = read_record(checkpoint)
     if record is None:
@@ -121,11 +126,17 @@ def read_recipe(checkpoint: Path, model: str | None = None) -> Recipe:
     cls = MODELS.get(kind)
     cfg = cls.Config.model_validate(record.get("model_config", {}))
     needs = cls.needs(cfg, None if dataset is None else _dataset_params(dataset))
-    features = []
+    features, missing = [], []
     for name in needs.features:
         found = _feature_recipe(name, inputs.get(f"features.{name}"), checkpoint, dataset, mismatches, notes)
+        if found is None and fallback and name in fallback:
+            found = fallback[name]
+            mismatches.append(f"feature file '{name}': extracting with the '{found.extractor}' settings of "
+                              "the current params instead of the unknown training recipe")
         if found is not None:
             features.append(found)
+        else:
+            missing.append(name)
     query = None
     if needs.query_features is not None:
         query = _query_recipe(needs.query_features.name, inputs.get(f"features.{needs.query_features.name}"),
@@ -139,7 +150,7 @@ def read_recipe(checkpoint: Path, model: str | None = None) -> Recipe:
     return Recipe(model=kind, checkpoint=checkpoint, checkpoint_sha256=sha256_file(checkpoint),
                   model_config=record.get("model_config", {}), dataset=dataset or {},
                   seed=_seed(params, cfg), features=features, query=query, vocab_dir=vocab_dir,
-                  mismatches=mismatches, notes=notes)
+                  mismatches=mismatches, missing=missing, notes=notes)
 
 
 def _seed(params: dict, cfg: Any) -> int:
@@ -213,31 +224,36 @@ def _feature_recipe(name: str, entry: dict | None, anchor: Path, dataset: dict |
     feature = described["name"]
     weights = (record.get("weights") or {}).get(feature, "unknown")
     config = dict(described.get("config", {}))
-    _check_weights(feature, config, weights, mismatches)
+    if not _check_weights(feature, config, weights, mismatches):
+        return None
     return FeatureRecipe(
         name=name, extractor=feature, config=config,
         protocol_key=_protocol_key(described.get("protocol")), weights=weights,
         decode_backend=_decode_backend(record, anchor, notes),
         merge={k: v for k, v in (record.get("params", {}).get("merge") or {}).items()
                if k in ("dtype", "compression", "layout")},
+        path=path,
     )
 
 
-def _check_weights(feature: str, config: dict, weights: str, mismatches: list[str]) -> None:
+def _check_weights(feature: str, config: dict, weights: str, mismatches: list[str]) -> bool:
+    """Whether the recorded weights can be loaded here (a mismatch is listed when they differ)."""
     if weights == "random":
-        return
+        return True
     if weights == "unknown":
         mismatches.append(f"the '{feature}' features record no weights digest")
-        return
+        return True
     file = config.get("weights")
     if not file or not Path(file).is_file():
         mismatches.append(f"the '{feature}' features were extracted with weights of sha256 {weights}; "
                           f"that weights file ({file or 'no path recorded'}) is not on this machine")
-        return
+        return False
     digest = sha256_file(file)
     if digest != weights:
         mismatches.append(f"extractors.{feature}.weights {file}: sha256 {digest} differs from the {weights} "
                           "the training features were extracted with")
+        config["weights_sha256"] = None  # overridden: the file here is used as it is
+    return True
 
 
 def _protocol_key(protocol: dict | None) -> str | None:

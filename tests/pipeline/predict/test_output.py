@@ -1,0 +1,83 @@
+"""Output writers (json, jsonl, csv, srt) and the self-contained HTML page."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+
+import pytest
+from support.videos import write_video
+
+from pipeline.predict.output import OutputError, output_format, render, render_html, write
+from pipeline.predict.predictor import thumbnail
+
+
+def records(video="v.mp4", mismatch=None):
+    base = {"video": video, "video_sha256": "ab" * 32, "duration": 10.0, "model": "mmn",
+            "checkpoint": "runs/mmn/best.pt", "checkpoint_sha256": "cd" * 32}
+    if mismatch:
+        base["recipe_mismatch"] = mismatch
+    return [
+        {**base, "query": "a person, opens \"the\" door", "moments": [
+            {"start": 1.0, "end": 3.5, "score": 0.9}, {"start": 0.0, "end": 62.25, "score": 0.4}]},
+        {**base, "query": "nothing found", "moments": []},
+    ]
+
+
+def test_json_and_jsonl_round_trip(tmp_path):
+    recs = records(mismatch=["weights differ"])
+    write(recs, tmp_path / "o.json")
+    assert json.loads((tmp_path / "o.json").read_text()) == recs
+    write(recs, tmp_path / "o.jsonl")
+    assert [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()] == recs
+
+
+def test_csv_one_row_per_moment():
+    rows = list(csv.DictReader(io.StringIO(render(records(mismatch=["a", "b"]), "csv"))))
+    assert [(r["query"], r["rank"], r["start"], r["end"], r["score"]) for r in rows] == [
+        ('a person, opens "the" door', "1", "1.0", "3.5", "0.9"),
+        ('a person, opens "the" door', "2", "0.0", "62.25", "0.4"),
+        ("nothing found", "", "", "", "")]
+    assert rows[0]["checkpoint_sha256"] == "cd" * 32 and rows[0]["recipe_mismatch"] == "a; b"
+
+
+def test_srt_cues_in_time_order():
+    text = render(records(), "srt")
+    assert text == ("1\n00:00:00,000 --> 00:01:02,250\na person, opens \"the\" door (#2, 0.400)\n\n"
+                    "2\n00:00:01,000 --> 00:00:03,500\na person, opens \"the\" door (#1, 0.900)\n\n")
+    with pytest.raises(OutputError, match="one video"):
+        render(records("a.mp4") + records("b.mp4"), "srt")
+
+
+def test_unknown_suffix_is_refused():
+    assert output_format("x.JSONL") == "jsonl"
+    with pytest.raises(OutputError, match=r"unknown format '\.txt'"):
+        output_format("x.txt")
+
+
+def test_html_is_self_contained(tmp_path):
+    video = write_video(tmp_path / "v.mp4", frames=60, fps=30, width=64, height=48)
+    recs = records(str(video), mismatch=["the weights differ"])
+    page = render_html(recs, thumbnail, tmp_path / "page.html")
+    refs = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]*)""", page)
+    assert refs and not [r for r in refs if re.match(r"(?i)(https?:)?//", r)]
+    assert page.count("data:image/jpeg;base64,") == 6  # 2 moments x start, middle, end
+    assert "<video" in page and "data:video/mp4;base64," in page
+    assert "onclick='seek(\"v0\",1.000)'" in page  # a click seeks to the moment's start
+    assert "the weights differ" in page
+    assert "a person, opens &quot;the&quot; door" in page  # escaped
+
+
+def test_thumbnail_is_a_jpeg_of_the_requested_width(tmp_path):
+    from PIL import Image
+
+    video = write_video(tmp_path / "v.mp4", frames=60, fps=30, width=64, height=48)
+    data = thumbnail(video, 1.0, width=32)
+    assert data[:2] == b"\xff\xd8"
+    image = Image.open(io.BytesIO(data))
+    assert image.size == (32, 24)
+    # the frame index is coded in the right half's grey level: frame 30 at 1.0 s
+    grey = image.convert("L").getpixel((28, 12))
+    assert abs(grey - (16 * (30 % 16) + 8)) < 12
