@@ -73,10 +73,8 @@ class Library:
     upload_dir: Path
 
     def roots(self) -> dict[str, Path]:
-        roots = {"upload": self.upload_dir}
-        if self.video_dir is not None:
-            roots["folder"] = self.video_dir
-        return roots
+        roots = {"folder": self.video_dir} if self.video_dir is not None else {}
+        return {**roots, "upload": self.upload_dir}
 
     def entries(self) -> list[dict]:
         out = []

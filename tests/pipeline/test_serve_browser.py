@@ -74,7 +74,7 @@ def browser():
 
 
 @pytest.mark.slow
-def test_pick_a_video_ask_and_play_a_moment(server, browser):
+def test_pick_a_video_ask_and_play_a_moment(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -83,7 +83,14 @@ def test_pick_a_video_ask_and_play_a_moment(server, browser):
     browser.get(url)
     items = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos button.video-item"))
     assert [i.get_attribute("data-id") for i in items] == ["folder/kitchen.mp4", "folder/street.mp4"]
-    items[1].click()
+
+    # an upload joins the list and is picked; asking nothing is answered with an error line
+    browser.find_element(By.ID, "upload").send_keys(str(write_video(tmp_path / "my upload.mp4", frames=30)))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#videos button.selected[data-id="upload/my_upload.mp4"]'))
+    browser.find_element(By.ID, "submit").click()
+    wait.until(lambda d: "no query" in d.find_element(By.ID, "error").text)
+
+    browser.find_element(By.CSS_SELECTOR, '#videos button[data-id="folder/street.mp4"]').click()
     # the browser can play the file: metadata read over the Range-capable route
     duration = wait.until(lambda d: d.execute_script(
         "const v = document.getElementById('player'); return v.readyState >= 1 ? v.duration : null;"))
