@@ -37,10 +37,9 @@ from pydantic import BaseModel, Field
 
 from pipeline.core.atomic import TMP_PREFIX, atomic_path
 from pipeline.core.errors import VmrError
+from pipeline.media.decode import VIDEO_EXTENSIONS  # what the pipeline decodes; a browser plays fewer
 
 PAGE = Path(__file__).with_name("static") / "serve.html"
-# Containers a browser can usually play (H.264/VP9/AV1 inside); others still get predictions.
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".webm", ".mkv", ".mov", ".avi", ".ogv")
 # what a video id's first part names, in messages
 PLACES = {"folder": "--video-dir", "upload": "the upload folder"}
 MAX_QUERIES = 50
@@ -110,7 +109,7 @@ class Library:
 
 
 def is_video_name(name: str) -> bool:
-    return name.lower().endswith(VIDEO_SUFFIXES) and not name.startswith(TMP_PREFIX)
+    return name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith(TMP_PREFIX)
 
 
 def upload_name(filename: str | None) -> str:
@@ -119,7 +118,7 @@ def upload_name(filename: str | None) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")
     if not is_video_name(safe):
         raise HTTPException(400, f"upload {filename!r}: not a video file name; expected one of "
-                                 f"{', '.join(VIDEO_SUFFIXES)}")
+                                 f"{', '.join(VIDEO_EXTENSIONS)}")
     return safe
 
 
