@@ -37,7 +37,9 @@ from pydantic import BaseModel, Field
 
 from pipeline.core.atomic import TMP_PREFIX, atomic_path
 from pipeline.core.errors import VmrError
-from pipeline.media.decode import VIDEO_EXTENSIONS  # what the pipeline decodes; a browser plays fewer
+from pipeline.media.decode import VIDEO_EXTENSIONS
+
+# The page offers what the pipeline decodes; a browser plays fewer (the page says so), moments are found anyway.
 
 PAGE = Path(__file__).with_name("static") / "serve.html"
 # what a video id's first part names, in messages
