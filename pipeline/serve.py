@@ -39,8 +39,6 @@ from pipeline.core.atomic import TMP_PREFIX, atomic_path
 from pipeline.core.errors import VmrError
 from pipeline.media.decode import VIDEO_EXTENSIONS
 
-# The page offers what the pipeline decodes; a browser plays fewer (the page says so), moments are found anyway.
-
 PAGE = Path(__file__).with_name("static") / "serve.html"
 # what a video id's first part names, in messages
 PLACES = {"folder": "--video-dir", "upload": "the upload folder"}
@@ -111,6 +109,7 @@ class Library:
 
 
 def is_video_name(name: str) -> bool:
+    """What the pipeline decodes. A browser plays fewer (the page says so); their moments are found anyway."""
     return name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith(TMP_PREFIX)
 
 
