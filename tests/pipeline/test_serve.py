@@ -17,6 +17,7 @@ from support.videos import write_video
 from typer.testing import CliRunner
 
 from pipeline.cli import app as cli
+from pipeline.core.errors import VmrError
 from pipeline.serve import create_app
 
 
@@ -205,6 +206,13 @@ def test_a_video_the_predictor_cannot_read_is_a_400(real, folder):
 
 
 # -- the command ------------------------------------------------------------------------------------
+
+
+def test_a_retrieval_model_is_refused(folder):
+    retrieval = NoModel()
+    retrieval.model_name, retrieval.task = "glscl", "retrieval"
+    with pytest.raises(VmrError, match="'glscl' ranks whole videos"):
+        create_app(retrieval, video_dir=folder)
 
 
 # The command checks its input and binds the port before it loads the model: no trained one needed.
