@@ -50,16 +50,18 @@ def _few_threads():
 
 
 @pytest.fixture(scope="session")
-def tiny_trained(tmp_path_factory):
-    """A tiny MMN trained through the CLI on generated videos (tests/support/trained.py): minutes,
-    so only slow tests use it; made once per session."""
-    from support.trained import train_tiny_mmn
+def project(tmp_path_factory) -> Path:
+    """A tiny project trained through the CLI, every model (tests/support/trained.py): about a
+    minute, so only slow tests use it; built once per session for the predict and serve tests."""
+    from support.trained import build_project
 
-    return train_tiny_mmn(tmp_path_factory.mktemp("tiny-mmn"))
+    return build_project(tmp_path_factory.mktemp("predict_project"))
 
 
 @pytest.fixture(scope="session")
-def tiny_predictor(tiny_trained, tmp_path_factory):
+def tiny_predictor(project, tmp_path_factory):
+    """The Predictor on the project's MMN, with its own feature cache."""
     from pipeline.predict import Predictor
 
-    return Predictor.from_checkpoint(tiny_trained.checkpoint, cache_dir=tmp_path_factory.mktemp("predict-cache"))
+    return Predictor.from_checkpoint(project / "runs" / "mmn" / "best.pt",
+                                     cache_dir=tmp_path_factory.mktemp("predict-cache"))

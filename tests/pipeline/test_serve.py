@@ -3,8 +3,9 @@ requests, and bad input answered 4xx with a message. The page in a real browser:
 tests/pipeline/test_serve_browser.py.
 
 Routes that must not run the model (files, listing, uploads, input checks) are tested fast, on an app
-whose model refuses to be called. Prediction is tested on a real checkpoint (a tiny MMN trained
-through the CLI) with the real Predictor; making it takes minutes, so those tests are slow."""
+whose model refuses to be called. Prediction is tested on a real checkpoint (the tiny MMN trained
+through the CLI by the `project` fixture, tests/support/trained.py) with the real Predictor; making it
+takes a minute or more, so those tests are slow."""
 
 from __future__ import annotations
 

@@ -29,16 +29,16 @@ pytestmark = pytest.mark.skipif(bool(MISSING) and not REQUIRED, reason=f"{' and 
 
 
 @pytest.fixture
-def server(tmp_path, tiny_trained):
+def server(tmp_path, project):
     """`vmr serve --port 0` as users start it; yields its URL and the video folder."""
     videos = tmp_path / "videos"
     videos.mkdir()
     write_video(videos / "street.mp4", frames=120, fps=15, width=96, height=64)  # 8 s
     write_video(videos / "kitchen.mp4", frames=60, fps=15)
-    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model", "mmn", "--params", str(tiny_trained.params),
-           "--checkpoint", str(tiny_trained.checkpoint), "--video-dir", str(videos), "--cache-dir", str(tmp_path / "cache"), "--port", "0"]
+    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model", "mmn", "--params", str(project / "params.yaml"),
+           "--checkpoint", str(project / "runs" / "mmn" / "best.pt"), "--video-dir", str(videos), "--cache-dir", str(tmp_path / "cache"), "--port", "0"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(cmd, cwd=tiny_trained.params.parent, env=env, text=True,
+    proc = subprocess.Popen(cmd, cwd=project, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = proc.stdout.readline()  # "vmr serve: http://127.0.0.1:PORT/ (...)" once it listens
