@@ -112,6 +112,9 @@ def test_pick_a_video_ask_and_play_a_moment(server, browser, tmp_path):
         assert 0 <= start < end <= duration + 1e-3
     assert [s for *_, s in moments] == sorted((s for *_, s in moments), reverse=True)
     assert len(results[0].find_elements(By.CSS_SELECTOR, ".timeline .segment")) == len(moments)
+    # every moment's thumbnail is a decoded image (a JPEG from /api/thumbnail)
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#results tr.moment img')].every(i => i.complete && i.naturalWidth > 0);"))
 
     # clicking a moment seeks the video there and plays it. Park the video outside the moment first
     # (where the moment leaves room), so the seek must move it.
