@@ -590,6 +590,65 @@ def compare_features(
     typer.echo(f"report written to {out}")
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="grounding model name (mmn, mesm, cnm, mrnet).")],
+    checkpoint: CheckpointOpt = None,
+    video_dir: Annotated[Path | None, typer.Option(help="folder whose videos the page offers (searched recursively).")] = None,
+    upload_dir: Annotated[Path | None, typer.Option(help="where uploads are kept (default: a temporary folder, removed at exit).")] = None,
+    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one (the URL is printed).")] = 7860,
+    host: Annotated[str, typer.Option(help="address to bind; the default keeps the page on this machine.")] = "127.0.0.1",
+    allow_recipe_mismatch: AllowMismatchOpt = False,
+    cache_dir: CacheDirOpt = None,
+    device: DeviceOpt = "cpu",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """A local web page: pick a video from --video-dir (or upload one), type queries, play the moments.
+
+    Predictions are `vmr predict`'s (the same Predictor, recipe checks and cache). Binds 127.0.0.1
+    unless --host says otherwise; Ctrl+C stops.
+
+    Reads: the checkpoint and the provenance chain of its training features, --video-dir.
+    Writes: uploads to --upload-dir, features under --cache-dir.
+    """
+    import socket
+
+    import uvicorn
+
+    from pipeline.predict import Predictor
+    from pipeline.serve import create_app
+
+    p = _params(params, set_, profile)
+    if model not in MODELS:
+        _fail(f"--model {model}: unknown model; expected one of {MODELS.names()}")
+    checkpoint = checkpoint or Path(p.trainer.out_dir) / model / "best.pt"
+    if not checkpoint.is_file():
+        _fail(f"--checkpoint {checkpoint}: file not found (train first: vmr train --model {model})")
+    if video_dir is not None and not video_dir.is_dir():
+        _fail(f"--video-dir {video_dir}: no such folder")
+    # Bind before loading the model: a busy port is one quick error line, and --port 0 can print its URL.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        _fail(f"cannot listen on {host}:{port}: {e.strerror or e} (pick another --port)")
+    with sock:
+        predictor = Predictor.from_checkpoint(checkpoint, allow_recipe_mismatch=allow_recipe_mismatch,
+                                              cache_dir=cache_dir, device=device, model=model,
+                                              fallback=_fallback_recipes(p, model))
+        web = create_app(predictor, video_dir=video_dir, upload_dir=upload_dir, checkpoint=str(checkpoint))
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            typer.echo(f"warning: listening on {host}: other machines can reach this page", err=True)
+        url_host = f"[{host}]" if ":" in host else host
+        typer.echo(f"vmr serve: http://{url_host}:{sock.getsockname()[1]}/ (model {model}, {checkpoint}); Ctrl+C stops")
+        sys.stdout.flush()
+        uvicorn.Server(uvicorn.Config(web, log_level="warning")).run(sockets=[sock])
+
+
 def main() -> None:  # `python -m pipeline.cli` (used by torchrun re-launch)
     app()
 

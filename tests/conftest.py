@@ -47,3 +47,21 @@ def _few_threads():
     except ImportError:
         pass
     yield
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Path:
+    """A tiny project trained through the CLI, every model (tests/support/trained.py): about a
+    minute, so only slow tests use it; built once per session for the predict and serve tests."""
+    from support.trained import build_project
+
+    return build_project(tmp_path_factory.mktemp("predict_project"))
+
+
+@pytest.fixture(scope="session")
+def tiny_predictor(project, tmp_path_factory):
+    """The Predictor on the project's MMN, with its own feature cache."""
+    from pipeline.predict import Predictor
+
+    return Predictor.from_checkpoint(project / "runs" / "mmn" / "best.pt",
+                                     cache_dir=tmp_path_factory.mktemp("predict-cache"))

@@ -19,7 +19,7 @@ LAYERS = [
     ["models"],
     ["stages"],
     ["pipeline.cli", "pipeline.dag", "pipeline.report", "pipeline.lineage", "pipeline.export",
-     "pipeline.predict"],  # the app
+     "pipeline.predict", "pipeline.serve"],  # the app
 ]
 INDEPENDENT = 2  # the layer whose entries must not import each other
 

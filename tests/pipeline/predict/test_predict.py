@@ -1,4 +1,4 @@
-"""`vmr predict` / `vmr search` / `Predictor` on a tiny trained project (tests/pipeline/predict/conftest.py).
+"""`vmr predict` / `vmr search` / `Predictor` on a tiny trained project (tests/support/trained.py, the `project` fixture of tests/conftest.py).
 
 The oracle for "the features are made as for training": predicting on a test video with its test
 query gives what `vmr evaluate` predicted for that query from the pipeline's own features."""

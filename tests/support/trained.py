@@ -1,20 +1,19 @@
-"""A tiny trained project for the prediction tests: the synthetic dataset of profiles/tiny.yaml (six
-short videos), decoded, extracted (CLIP, random init), merged, and every model trained for one
-epoch and evaluated, all through the CLI. Built once per test session (about a minute on CPU), so
-the tests that use it are marked slow."""
+"""A tiny trained project for the tests of prediction and of `vmr serve`: the synthetic dataset of
+profiles/tiny.yaml (six short videos), decoded, extracted (CLIP, random init), merged, and every
+model trained for one epoch and evaluated, all through the CLI. Built once per test session by the
+`project` fixture (tests/conftest.py; about a minute on CPU), so the tests that use it are marked slow."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.core.params import deep_merge
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 GROUNDING = ["mmn", "mesm", "cnm", "mrnet"]
 
 
@@ -63,9 +62,8 @@ def exact_durations(root: Path) -> None:
             writer.writerows(rows)
 
 
-@pytest.fixture(scope="session")
-def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("predict_project")
+def build_project(root: Path) -> Path:
+    """root: params.yaml, the data, features, vocab, runs/<model>/best.pt and results/<model>/."""
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params(root)))
     p = ["-p", str(params)]
