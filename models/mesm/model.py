@@ -273,7 +273,8 @@ def batching_note(official_mask_order: bool, videos: int, batch_size: int) -> st
     if videos > 1 and batch_size > 1:
         return (f"note: MESM as released (model.mesm.official_mask_order: true): {batch_size} videos per batch, and "
                 "a query's scores depend slightly on the other videos of its batch (the released attention mask "
-                "is read across samples); eval_batch_size 1 or official_mask_order false removes it (docs/mesm.md)")
+                "is read across samples); eval_batch_size 1 or official_mask_order false at training time removes it "
+                "(docs/mesm.md, Batch dependence)")
     if videos == 1:
         return ("note: MESM: each video's queries run as one batch, which released MESM's batch dependence does "
                 "not touch; `vmr evaluate` with eval_batch_size > 1 can score the same query slightly "
