@@ -27,11 +27,14 @@ from models.mesm.network import MESMNet
 from models.mesm.spans import span_cxw_to_xx
 from models.mesm.text import MesmTokenizer, build_text_encoder
 from pipeline.core.params import Count, Fraction, NonNegative, Positive
+from pipeline.core.progress import log
 from pipeline.media.features import FeatureFile, feature_statistics
+from pipeline.training.distributed import Dist
 from pipeline.training.evaluation import evaluate_moment_detr
 from pipeline.training.evaluation import temporal_iou as interval_iou
 from pipeline.training.trainer import (
     DataContext,
+    EvalData,
     GroundingModel,
     Needs,
     Optimization,
@@ -76,7 +79,8 @@ class MESM(GroundingModel):
         # features (the synthetic default) share one dominant direction (frame cosine > 0.98).
         standardize_video: bool = False
         # the cross-attention mask's head order as released (published numbers) or corrected; see
-        # models/mesm/layers.py CrossAttentionLayer
+        # models/mesm/layers.py CrossAttentionLayer. As released, a query's scores depend on which
+        # videos share its evaluation batch (docs/mesm.md, "Batch dependence").
         official_mask_order: bool = True
         normalize_txt: bool = True
         contra_samples: int = Field(2, ge=1)
@@ -212,6 +216,13 @@ class MESM(GroundingModel):
             for qid, vid, d in zip(batch["qid"], batch["vid"], decoded, strict=False)
         ]
 
+    def predict_all(self, data: EvalData, batch_size: int, env: Dist, num_workers: int) -> list[dict] | None:
+        note = batching_note(self.cfg.official_mask_order, len(data.primary), batch_size)
+        if note and note not in _NOTED:  # once per process: `vmr predict` rebuilds the model per video
+            _NOTED.add(note)
+            log(note)
+        return super().predict_all(data, batch_size, env, num_workers)
+
     def metrics(self, predictions: list[dict], queries: list) -> dict[str, float]:
         return mesm_metrics(predictions, queries, self.cfg.r1_thresholds, self.cfg.length_ranges,
                             clip_len=self.cfg.clip_len)
@@ -245,6 +256,30 @@ def decode_predictions(outputs: dict, duration: Tensor, video_mask: Tensor, clip
             "saliency": saliency[i, : int(lengths[i])].tolist(),
         })
     return results
+
+
+_NOTED: set[str] = set()
+
+
+def batching_note(official_mask_order: bool, videos: int, batch_size: int) -> str | None:
+    """What to tell the user about MESM's batch dependence (docs/mesm.md, "Batch dependence").
+
+    As released, the cross-attention mask is read across the samples of a batch: a query's scores
+    move a little with the other videos of its batch, and only then. A batch of one video (`vmr
+    predict`, `eval_batch_size: 1`) is not affected; it gives what `official_mask_order: false` gives.
+    """
+    if not official_mask_order:
+        return None
+    if videos > 1 and batch_size > 1:
+        return (f"note: MESM as released (model.mesm.official_mask_order: true): {batch_size} videos per batch, and "
+                "a query's scores depend slightly on the other videos of its batch (the released attention mask "
+                "is read across samples); eval_batch_size 1 or official_mask_order false at training time removes it "
+                "(docs/mesm.md, Batch dependence)")
+    if videos == 1:
+        return ("note: MESM: each video's queries run as one batch, which released MESM's batch dependence does "
+                "not touch; `vmr evaluate` with eval_batch_size > 1 can score the same query slightly "
+                "differently (docs/mesm.md, Batch dependence)")
+    return None
 
 
 def mesm_metrics(predictions: list[dict], queries: list, r1_thresholds, length_ranges, clip_len: float) -> dict[str, float]:

@@ -604,3 +604,60 @@ def test_cross_attention_mask_order_as_released_and_corrected():
         assert torch.allclose(fixed, reference(pair.repeat_interleave(heads, dim=0)), atol=1e-6)
         assert torch.allclose(fixed, reference(None), atol=1e-6)  # ordered correctly it changes nothing
         assert not torch.allclose(ours, fixed, atol=1e-4)  # as released, it does on mixed lengths
+
+
+# -- batch dependence (docs/mesm.md) --------------------------------------------------------------
+
+
+def mixed_lengths_world(root: Path) -> World:
+    """Four videos of 9..33 rows with 1..3 queries each, sentences of 3..12 words."""
+    sentences = ["a person opens the door.", "the circle moves left.", "the circle grows.",
+                 "a person opens the door . the circle moves right ."]
+    queries, lengths = [], {}
+    for v, length in enumerate([9, 20, 33, 14]):
+        vid = f"V{v}"
+        lengths[vid] = length
+        for k in range(1 + v % 3):
+            st = 1.0 + 2 * k
+            queries.append(Query("synthetic", "test", vid, float(length), ((st, st + 4.0),),
+                                 sentences[(v + k) % 4], f"{vid}-{k}"))
+    return World(root, {"test": queries, "train": queries}, lengths)
+
+
+def test_batch_dependence_is_the_released_mask_and_nothing_else(tmp_path, capsys, monkeypatch):
+    """Per-query predictions with every video alone (batch 1) and with all four in one batch. With the
+    mask ordered correctly they are equal: nothing else in the network sees another sample's padding.
+    As released they differ for some query, and a batch of one video gives the corrected result."""
+    from pipeline.training.distributed import Dist
+    from pipeline.training.trainer import predict
+
+    world = mixed_lengths_world(tmp_path)
+    released = MESM(tiny_config(), world.data)
+    corrected = MESM(tiny_config(official_mask_order=False), world.data)
+    corrected.load_state_dict(released.state_dict())
+    env = Dist(rank=0, world_size=1, device=torch.device("cpu"))
+
+    def per_query(model, batch_size):
+        preds = predict(model, model.eval_data("test", world.data), batch_size, env)
+        return {p["qid"]: np.array(p["pred_relevant_windows"]) for p in preds}
+
+    def max_difference(a, b):
+        assert a.keys() == b.keys()
+        return max(float(np.abs(a[q] - b[q]).max()) for q in a)
+
+    monkeypatch.setattr("models.mesm.model._NOTED", set())  # the note is logged once per process
+    capsys.readouterr()
+    fixed_alone, fixed_together = per_query(corrected, 1), per_query(corrected, 4)
+    assert max_difference(fixed_alone, fixed_together) <= 1e-4  # scores are rounded to 4 decimals
+    assert "official_mask_order" not in capsys.readouterr().err
+
+    released_alone, released_together = per_query(released, 1), per_query(released, 4)
+    assert max_difference(released_alone, fixed_alone) <= 1e-4
+    assert max_difference(released_alone, released_together) > 1e-3
+    err = capsys.readouterr().err
+    assert err.count("note: MESM as released") == 1 and "4 videos per batch" in err
+
+    # one video per call, as `vmr predict` runs: unaffected, with a note that evaluate may differ
+    world.queries["one"] = [q for q in world.queries["test"] if q.video_id == "V2"]
+    predict(released, released.eval_data("one", world.data), 30, env)
+    assert "each video's queries run as one batch" in capsys.readouterr().err

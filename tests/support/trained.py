@@ -33,7 +33,7 @@ def tiny_params(root: Path) -> dict:
         "trainer": {"out_dir": str(root / "runs"), "device": "cpu"},
         "evaluate": {"out_dir": str(root / "results")},
         # evaluate one item per batch, as predict does: MESM's scores depend on what shares a batch
-        # (padding), so only batch-1 evaluation is the oracle for a prediction on one video
+        # (the released attention mask, docs/mesm.md), so only batch-1 evaluation is the oracle for a prediction
         "model": {m: {"epochs": 1, "eval_batch_size": 1} for m in GROUNDING} | {"glscl": {"epochs": 1, "eval_every": 1}},
     }
     return deep_merge(params, overlay)
