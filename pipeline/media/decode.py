@@ -181,23 +181,33 @@ def _frame_times(pts: list[int], durations: list[int], start: int, tb: float) ->
     return sorted_pts, np.stack([starts, stops], axis=1)
 
 
-def demux_timestamps(path: Path) -> np.ndarray:
-    """Frame times of the first video stream from its packets alone (no decoding): `_frame_times`."""
+def _shown(packet: Any) -> bool:
+    """A packet whose frame is shown. An edit list (e.g. a file cut with `ffmpeg -ss ... -c copy`) can
+    start after the first frames: their packets carry the discard flag (negative times), the decoder
+    needs them as references but outputs nothing for them, and FFmpeg's filters never see them."""
+    return packet.pts is not None and packet.size > 0 and not packet.is_discard
+
+
+def demux_timestamps(path: Path) -> tuple[np.ndarray, int]:
+    """(times, discarded): the times of the first video stream's shown frames from its packets alone
+    (no decoding, `_frame_times`), and how many frames an edit list discards."""
     import av
 
     container, stream = _open_video(path)
     with container:
-        pts, durations = [], []
+        pts, durations, discarded = [], [], 0
         try:
             for packet in container.demux(stream):
-                if packet.pts is not None and packet.size > 0:
+                if _shown(packet):
                     pts.append(packet.pts)
                     durations.append(packet.duration or 0)
+                elif packet.pts is not None and packet.size > 0:
+                    discarded += 1
         except av.error.FFmpegError as e:
             raise DecodeError(f"PyAV cannot read packets: {first_line(e)}") from None
         if not pts:
-            return np.zeros((0, 2))
-        return _frame_times(pts, durations, stream.start_time or 0, float(stream.time_base))[1]
+            return np.zeros((0, 2)), discarded
+        return _frame_times(pts, durations, stream.start_time or 0, float(stream.time_base))[1], discarded
 
 
 class DecordReader:
@@ -213,8 +223,13 @@ class DecordReader:
             self.vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
         except Exception as e:  # decord raises DECORDError / RuntimeError with C++ context
             raise DecodeError(f"decord cannot open: {first_line(e)}") from None
+        self._ts, discarded = demux_timestamps(path)
+        if discarded:
+            # decord 0.6 indexes the discarded frames too, but its decoder drops them: near the start,
+            # index i returns shown frame i; after a seek to a later keyframe, frame i of all. No
+            # mapping holds for both, so such files are decoded with PyAV (decode_video falls back).
+            raise DecodeError(f"decord cannot index the {discarded} frames an edit list discards")
         self.num_frames = len(self.vr)
-        self._ts = demux_timestamps(path)
         if len(self._ts) != self.num_frames:  # decord's index and the packets disagree: trust neither
             raise DecodeError(f"decord sees {self.num_frames} frames, the container's packets {len(self._ts)}")
 
@@ -262,6 +277,7 @@ class PyAVReader:
             start = stream.start_time or 0
             indexed = stream.frames  # nb_frames from the container's index (0: unknown)
             keep = path.stat().st_size <= KEEP_PACKETS_MAX_BYTES
+            frames = 0  # packets of frames, shown or not (as counted in nb_frames)
             packets, first, fed = [], None, 0  # first: decoded frames of the first packet that gave any
             for packet in self._container.demux(stream):  # the last packet is the decoder flush
                 if keep:
@@ -273,6 +289,8 @@ class PyAVReader:
                     except av.error.FFmpegError:
                         first = False  # decode problems are reported by frames()
                 if packet.pts is not None and packet.size > 0:
+                    frames += 1
+                if _shown(packet):
                     pts.append(packet.pts)
                     durations.append(packet.duration or 0)
         except Exception as e:
@@ -281,9 +299,9 @@ class PyAVReader:
         if first is None:
             self.close()
             raise DecodeError(ZERO_FRAMES)
-        if indexed and len(pts) < indexed:  # the demuxer stops quietly at the end of a cut file
+        if indexed and frames < indexed:  # the demuxer stops quietly at the end of a cut file
             self.close()
-            raise DecodeError(f"truncated file: {len(pts)} of the {indexed} indexed frames are present")
+            raise DecodeError(f"truncated file: {frames} of the {indexed} indexed frames are present")
         self.info["rotation"] = _rotation(first[0]) if first else 0
         if keep and first:  # frames() goes on decoding from here
             self._resume = (packets[fed:], first)

@@ -95,6 +95,7 @@ def fps_filter(starts: np.ndarray, end: float, rate: float) -> tuple[np.ndarray,
     frame. The number of slots is N = round_half_up(end * rate). When the video starts after the file
     (audio first), the first slot that gets a frame is k0 = round_half_up(t0 * rate), and slots
     0..k0-1 repeat the frame kept for k0 (not the stream's first frame); if N <= k0 nothing is kept.
+    Slots start at 0: frames before the file start (negative times) can only fill slot 0.
     This is FFmpeg 5.1's behaviour, checked against the binary in tests/pipeline/media/test_ffmpeg_oracle.py.
     """
     starts = np.asarray(starts, dtype=np.float64)
@@ -102,7 +103,7 @@ def fps_filter(starts: np.ndarray, end: float, rate: float) -> tuple[np.ndarray,
         return np.zeros(0, np.int64), np.zeros((0, 2))
     count = int(round_half_up(_scaled(end, rate)))
     slot_of_frame = round_half_up(_scaled(starts, rate))  # the first slot each frame may fill
-    first_slot = int(slot_of_frame[0])
+    first_slot = max(int(slot_of_frame[0]), 0)  # a negative index below would wrap to the end
     if count <= first_slot:
         return np.zeros(0, np.int64), np.zeros((0, 2))
     # last frame whose slot_of_frame <= k (frames are in presentation order, so this is sorted)

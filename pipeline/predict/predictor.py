@@ -299,18 +299,23 @@ def check_queries(queries: list[str]) -> None:
 
 
 def thumbnail(video_path: str | Path, seconds: float, width: int = 160) -> bytes:
-    """One JPEG of the frame shown at `seconds` (the first frame at or after it), `width` pixels wide."""
+    """One JPEG of the frame shown at `seconds` (the first frame at or after it), `width` pixels wide.
+
+    `seconds` counts from the FILE start, the time zero of decode (pipeline/media/decode.py) and so of
+    every moment: an MPEG-TS file typically starts at 1.4 s of its clock, and the frame for a moment
+    at t is the one at t + that start."""
     import av
 
     try:
         with av.open(str(video_path)) as container:
             stream = container.streams.video[0]
             tb = float(stream.time_base)
-            container.seek(max(0, int(seconds / tb)), stream=stream, backward=True)
+            target = seconds + (container.start_time / 1e6 if container.start_time is not None else 0.0)
+            container.seek(max(0, int(target / tb)), stream=stream, backward=True)
             image = None
-            for frame in container.decode(stream):
+            for frame in container.decode(stream):  # frames an edit list discards do not come out
                 image = frame.to_image()
-                if frame.pts is None or frame.pts * tb >= seconds - 1e-3:
+                if frame.pts is None or frame.pts * tb >= target - 1e-3:
                     break
     except (av.FFmpegError, IndexError, OSError) as e:
         raise VideoError(f"{video_path}: cannot read a frame at {seconds:.2f} s ({e})") from None

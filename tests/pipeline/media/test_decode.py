@@ -377,3 +377,49 @@ def test_a_video_decoded_by_other_code_is_decoded_again(tmp_path, vdir):
     record.write_text(json.dumps({**json.loads(record.read_text()), "code": "vmr-0+code.older"}))
     redo, _ = decode(tmp_path, [proto])
     assert (redo.decoded, redo.skipped) == (1, 1)
+
+
+def _edit_list_cut(source: Path, out: Path, start: float = 1.0, length: float = 1.5) -> Path:
+    """`ffmpeg -ss START -c copy`: the cut begins at the keyframe before START (frame 0 here) and an
+    edit list tells the decoder to discard the frames before START (negative times in the packets)."""
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-ss", str(start), "-i", str(source), "-t", str(length),
+                    "-c", "copy", str(out)], check=True)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None, reason="needs ffmpeg and ffprobe")
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_edit_list_cut_keeps_only_the_shown_frames(tmp_path, vdir, backend):
+    """A `-c copy` cut holds 30 frames (1 s at 30 fps) its edit list discards. Every rule counts only
+    the shown frames (source frames 30, 31, ...), which start at 0 s, and the duration is the shown
+    part's. decord indexes the discarded frames but its decoder drops them, so decord hands such
+    files to PyAV (recorded as a fallback)."""
+    import av
+
+    source = _bframe_video(tmp_path / "source.mp4")
+    path = _edit_list_cut(source, vdir / "cut.mp4")
+    with av.open(str(path)) as c:  # the file really starts with discarded frames
+        assert sum(p.is_discard for p in c.demux(video=0) if p.size) == 30
+    with av.open(str(path)) as c:
+        shown = [index_of(f.to_ndarray(format="rgb24")) for f in c.decode(video=0)]
+    assert shown[:45] == list(range(30, 75))  # (the end of a -c copy cut may lack a B-frame)
+    every8 = SamplingProtocol(rule="every_n", every_n=8, **SMALL)
+    every = SamplingProtocol(rule="all", **SMALL)
+    clip = SamplingProtocol(rule="fps_filter", rate=1.0, **SMALL)
+    summary, store = decode(tmp_path, [every8, every, clip], backend=backend)
+    assert not summary.failed
+    rec = store.read_record("cut")
+    assert rec["num_frames"] == len(shown)
+    e = store.load("cut", every8.key)
+    assert e.source_index.tolist() == list(range(0, len(shown), 8))
+    assert [index_of(f) for f in e.frames] == shown[::8]
+    a = store.load("cut", every.key)
+    assert [index_of(f) for f in a.frames] == shown
+    assert a.pts[0] == 0 and a.windows.min() >= 0
+    c = store.load("cut", clip.key)  # fps=1: slot k holds the last frame with t < k + 0.5
+    assert [index_of(f) for f in c.frames] == [shown[14], shown[44]]
+    probed = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "stream=duration",
+                             "-of", "csv=p=0", str(path)], capture_output=True, text=True, check=True).stdout
+    durations = json.loads((tmp_path / "frames" / "durations.json").read_text())
+    assert durations["cut"] == rec["duration"] == pytest.approx(float(probed), abs=1 / 30 + 1e-6)
+    assert ("fallback" in rec) == (backend == "decord") and rec["decoder"].startswith("pyav")

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from pipeline.media.decode import DecodeError, DecodeTask, decode_video
+from pipeline.media.framestore import FrameStore
 from pipeline.media.sampling import SamplingProtocol
 
 FFMPEG = shutil.which("ffmpeg")
@@ -94,7 +95,10 @@ def vmr_keeps(path: Path, store: Path, backend: str, rate: Fraction) -> list[int
         if "keeps no frame" not in str(e):
             raise
         return []
-    return record["protocols"][protocol.key]["source_index"]
+    # the barcodes of the stored frames: the source frames kept, whatever the file discards before them
+    frames = np.load(FrameStore(store).frames_path(protocol.key, path.stem))
+    assert len(frames) == record["protocols"][protocol.key]["count"]
+    return [read_barcode(f) for f in frames]
 
 
 def cfr(fps: Fraction, n: int, start: Fraction = Fraction(0)) -> list[Fraction]:
@@ -110,8 +114,20 @@ VERSION_DIFFERENCES = {
 }
 
 
+def cut_with_edit_list(src: Path, out: Path, start: float = 1.5, length: float = 3.0) -> Path:
+    """`ffmpeg -ss START -c copy`: the cut begins at the keyframe before START and an edit list tells
+    the decoder to discard the frames before it (their packets come out with negative times)."""
+    subprocess.run([FFMPEG, "-v", "error", "-y", "-ss", str(start), "-i", str(src), "-t", str(length),
+                    "-c", "copy", str(out)], check=True)
+    return out
+
+
 def corpus(root: Path) -> dict[str, Path]:
-    return {name: make_video(root / f"{name}{suffix}", times, **kw) for name, (times, kw, suffix) in CORPUS.items()}
+    made = {name: make_video(root / f"{name}{suffix}", times, **kw) for name, (times, kw, suffix) in CORPUS.items()
+            if name not in CUTS}
+    for name, source in CUTS.items():
+        made[name] = cut_with_edit_list(made[source], root / f"{name}.mp4")
+    return made
 
 
 def _vfr() -> list[Fraction]:
@@ -138,7 +154,10 @@ CORPUS = {
     "mpegts_late": (cfr(Fraction(30), 60, Fraction(7, 5)), {"audio_until": 3.5}, ".ts"),
     **{f"short{d}": (cfr(Fraction(30), int(d * 30)), {}, ".mp4") for d in (0.5, 1.0, 1.5, 2.1)},
     "long_30fps": (cfr(Fraction(30), 600), {}, ".mp4"),  # float32 slot errors began at ~8.8 s
+    "cut_source": (cfr(Fraction(25), 150), {}, ".mp4"),  # one keyframe, B-frames (x264's defaults)
+    "edit_list_cut": ([], {}, ".mp4"),  # made from cut_source by CUTS
 }
+CUTS = {"edit_list_cut": "cut_source"}  # name -> the corpus file it is cut from with `-c copy`
 
 
 @pytest.fixture(scope="module")

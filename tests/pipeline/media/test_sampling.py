@@ -49,6 +49,16 @@ def test_slots_before_the_first_kept_slot_repeat_its_frame_and_gaps_repeat_the_p
     assert idx.tolist() == [1, 1, 1, 1]
 
 
+def test_frames_before_the_file_start_only_compete_for_slot_0():
+    # a first frame at -0.52 s (e.g. one an edit list should have discarded) rounds to slot -1: the
+    # slots still start at 0, and no negative index wraps a frame from the end into the early slots
+    starts = np.arange(-13, 77) * 0.04  # 25 fps from -0.52 s to 3.04 s
+    idx, windows = fps_filter(starts, 3.08, 1.0)  # round(3.08) = 3 slots: t < 0.5, 1.5, 2.5
+    assert idx.tolist() == [25, 50, 75]  # the frames at 0.48, 1.48 and 2.48 s
+    assert windows.tolist() == [[0, 1], [1, 2], [2, 3]]
+    assert uniform(starts, 3.08, 1.0)[0].tolist() == [13, 38, 63, 88]  # first frame at or after k s
+
+
 def test_nothing_is_kept_when_the_video_starts_after_the_last_slot():
     starts = np.array([2.6, 2.7])  # k0 = round(2.6) = 3, but only round(2.8) = 3 slots: 0, 1, 2
     idx, windows = fps_filter(starts, 2.8, 1.0)

@@ -8,7 +8,7 @@ import json
 import re
 
 import pytest
-from support.videos import write_video
+from support.videos import index_of, write_video
 
 from pipeline.predict.output import OutputError, output_format, render, render_html, write
 from pipeline.predict.predictor import thumbnail
@@ -81,3 +81,20 @@ def test_thumbnail_is_a_jpeg_of_the_requested_width(tmp_path):
     # the frame index is coded in the right half's grey level: frame 30 at 1.0 s
     grey = image.convert("L").getpixel((28, 12))
     assert abs(grey - (16 * (30 % 16) + 8)) < 12
+
+
+@pytest.mark.parametrize("suffix, audio, frame", [(".ts", False, 30), (".mp4", False, 30), (".mp4", True, 15)])
+def test_thumbnail_times_count_from_the_file_start(tmp_path, suffix, audio, frame):
+    """Moments count from the file start (decode's time zero). Video frames from 0.5 s of the file's
+    clock: without audio the file starts there too (start_time 0.5 s, frame 30 shows at 1.0 s); with
+    audio from 0 s the file starts at 0 and the video 0.5 s later (frame 15 at 1.0 s). 30 fps."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    video = write_video(tmp_path / f"v{suffix}", frames=60, pts_ms=[500 + round(i * 1000 / 30) for i in range(60)],
+                        audio=audio)
+    with av.open(str(video)) as c:
+        assert c.start_time == (0 if audio else 500_000)
+    image = Image.open(io.BytesIO(thumbnail(video, 1.0, width=64)))
+    assert index_of(np.asarray(image.convert("RGB"))) == frame
