@@ -177,10 +177,10 @@ def file_sha256(path: Path) -> str:
 
 
 def store_upload(tmp: Path, folder: Path, name: str, sha256: str) -> tuple[str, bool]:
-    """Give the finished upload `tmp` a name in `folder` without ever replacing a file; returns it.
+    """Give the finished upload `tmp` a name in `folder` without ever replacing a file; returns the
+    name and whether it is a file already there (the caller then drops tmp).
 
-    Returns the name and whether it is a file already there. `name` if free; the file already
-    there if it has the same bytes (tmp is dropped); otherwise
+    `name` if free; the file already there if it has the same bytes; otherwise
     `<stem>-<sha256 prefix><suffix>`, longer prefixes on the (unlikely) clash of a short one.
     os.link fails on an existing name, so two uploads at once cannot replace each other either."""
     stem, suffix = os.path.splitext(name)
@@ -200,7 +200,7 @@ class CapUploadBody:
     Content-Length is refused at once; a body without one is cut off while it streams (the
     HTTPException raised from `receive` reaches FastAPI's form parsing, which answers it)."""
 
-    def __init__(self, app, limit: int, refusal: HTTPException):
+    def __init__(self, app, limit: int, refusal: str):
         self.app, self.limit, self.refusal = app, limit, refusal
 
     async def __call__(self, scope, receive, send):
@@ -208,7 +208,7 @@ class CapUploadBody:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            return await JSONResponse({"detail": self.refusal.detail}, status_code=413)(scope, receive, send)
+            return await JSONResponse({"detail": self.refusal}, status_code=413)(scope, receive, send)
         received = 0
 
         async def capped_receive():
@@ -216,7 +216,7 @@ class CapUploadBody:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
-                raise self.refusal
+                raise HTTPException(413, self.refusal)
             return message
 
         await self.app(scope, capped_receive, send)
@@ -250,7 +250,7 @@ def create_app(predictor: Predicts, video_dir: Path | None = None, upload_dir: P
 
     app = FastAPI(title="vmr serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.library, app.state.keep_alive = library, keep_alive
-    too_large = HTTPException(413, f"upload refused: larger than {max_upload_mb:g} MB (--max-upload-mb)")
+    too_large = f"upload refused: larger than {max_upload_mb:g} MB (--max-upload-mb)"
     # the multipart headers around the file get one chunk of room; the file itself is capped exactly below
     app.add_middleware(CapUploadBody, limit=max_upload_bytes + UPLOAD_CHUNK, refusal=too_large)
 
@@ -296,7 +296,7 @@ def create_app(predictor: Predicts, video_dir: Path | None = None, upload_dir: P
                 while chunk := file.file.read(UPLOAD_CHUNK):
                     size += len(chunk)
                     if size > max_upload_bytes:
-                        raise too_large
+                        raise HTTPException(413, too_large)
                     out.write(chunk)
                     digest.update(chunk)
                 os.fsync(out.fileno())
