@@ -598,6 +598,9 @@ def serve(
     upload_dir: Annotated[Path | None, typer.Option(help="where uploads are kept (default: a temporary folder, removed at exit).")] = None,
     port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one (the URL is printed).")] = 7860,
     host: Annotated[str, typer.Option(help="address to bind; the default keeps the page on this machine.")] = "127.0.0.1",
+    allow_host: Annotated[list[str] | None, typer.Option(help="another host name the page may be reached by "
+                          "(repeatable); 127.0.0.1, localhost, ::1 and --host always are.")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="largest upload accepted, in MB (MiB).")] = 2048,
     allow_recipe_mismatch: AllowMismatchOpt = False,
     cache_dir: CacheDirOpt = None,
     device: DeviceOpt = "cpu",
@@ -618,7 +621,7 @@ def serve(
     import uvicorn
 
     from pipeline.predict import Predictor
-    from pipeline.serve import create_app
+    from pipeline.serve import check_upload_dir, create_app
 
     p = _params(params, set_, profile)
     if model not in MODELS:
@@ -628,6 +631,9 @@ def serve(
         _fail(f"--checkpoint {checkpoint}: file not found (train first: vmr train --model {model})")
     if video_dir is not None and not video_dir.is_dir():
         _fail(f"--video-dir {video_dir}: no such folder")
+    if max_upload_mb <= 0:
+        _fail(f"--max-upload-mb {max_upload_mb:g}: must be positive")
+    check_upload_dir(video_dir, upload_dir)  # a VmrError: one error line, exit 2
     # Bind before loading the model: a busy port is one quick error line, and --port 0 can print its URL.
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -640,7 +646,8 @@ def serve(
         predictor = Predictor.from_checkpoint(checkpoint, allow_recipe_mismatch=allow_recipe_mismatch,
                                               cache_dir=cache_dir, device=device, model=model,
                                               fallback=_fallback_recipes(p, model))
-        web = create_app(predictor, video_dir=video_dir, upload_dir=upload_dir, checkpoint=str(checkpoint))
+        web = create_app(predictor, video_dir=video_dir, upload_dir=upload_dir, checkpoint=str(checkpoint),
+                         host=host, allow_hosts=tuple(allow_host or ()), max_upload_mb=max_upload_mb)
         if host not in ("127.0.0.1", "localhost", "::1"):
             typer.echo(f"warning: listening on {host}: other machines can reach this page", err=True)
         url_host = f"[{host}]" if ":" in host else host

@@ -11,10 +11,19 @@ Routes (JSON unless noted):
   GET  /                          the page
   GET  /api/info                  model, checkpoint, task
   GET  /api/videos                the videos to pick: [{id, name, source, size, url}]
-  POST /api/upload                multipart `file` -> the new video's entry
+  POST /api/upload                multipart `file` -> the stored video's entry, with `reused`
   POST /api/predict               {video: id, queries: [str] | str (one per line), top_k} -> records
   GET  /api/thumbnail?video=&t=   a JPEG frame at t seconds
   GET  /videos/{id}               the video file (Range requests answered: 206)
+
+Safety (the page is for one user on one machine, but any web page that user opens can send it requests):
+  - the Host header must name this machine (127.0.0.1, localhost, ::1) or --host / --allow-host:
+    Starlette's TrustedHostMiddleware, against DNS rebinding;
+  - an upload or prediction whose Origin header names another site is refused (403): another page's
+    form or script cannot post a file or run the model;
+  - an upload never replaces a file: the same bytes again reuse the stored file, other bytes under
+    a taken name get a content-hash suffix; its size is capped (--max-upload-mb, 413), and a refused
+    upload leaves nothing in the upload folder.
 
 A video id is `<source>/<path>`: source `folder` is --video-dir (searched recursively), `upload` the
 folder uploads are written to. Ids are checked to stay inside their folder: `..`, absolute paths
@@ -23,6 +32,8 @@ and links that leave it are refused (400), unknown ones are 404.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import tempfile
 import threading
@@ -31,11 +42,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from pipeline.core.atomic import TMP_PREFIX, atomic_path
+from pipeline.core.atomic import TMP_PREFIX, temporary_prefix
 from pipeline.core.errors import VmrError
 from pipeline.media.decode import VIDEO_EXTENSIONS
 
@@ -44,6 +56,9 @@ PAGE = Path(__file__).with_name("static") / "serve.html"
 PLACES = {"folder": "--video-dir", "upload": "the upload folder"}
 MAX_QUERIES = 50
 UPLOAD_CHUNK = 1 << 20
+MAX_UPLOAD_MB = 2048
+# the names of this machine a browser may put in the Host header
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class Predicts(Protocol):
@@ -133,12 +148,92 @@ def split_queries(queries: list[str] | str) -> list[str]:
     return cleaned
 
 
+def check_upload_dir(video_dir: Path | None, upload_dir: Path | None) -> None:
+    """Refuse an upload folder that is --video-dir or inside it: uploads would mix with (and be
+    listed twice beside) the user's own videos."""
+    if video_dir is None or upload_dir is None:
+        return
+    if upload_dir.resolve().is_relative_to(video_dir.resolve()):
+        raise VmrError(f"--upload-dir {upload_dir} is inside --video-dir {video_dir}: uploads must not "
+                       "mix with the videos offered; give an upload folder outside it")
+
+
+def other_site(request: Request) -> str | None:
+    """Why a request was sent by another site's page (its Origin header names that site), else None.
+    Requests without Origin (curl, a same-origin GET) pass: browsers send it on every cross-site POST."""
+    origin = request.headers.get("origin")
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    if origin is not None and origin.lower() != own.lower():
+        return f"request from {origin} refused: only this page ({own}) may upload or find moments"
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(UPLOAD_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def store_upload(tmp: Path, folder: Path, name: str, sha256: str) -> tuple[str, bool]:
+    """Give the finished upload `tmp` a name in `folder` without ever replacing a file; returns the
+    name and whether it is a file already there (the caller then drops tmp).
+
+    `name` if free; the file already there if it has the same bytes; otherwise
+    `<stem>-<sha256 prefix><suffix>`, longer prefixes on the (unlikely) clash of a short one.
+    os.link fails on an existing name, so two uploads at once cannot replace each other either."""
+    stem, suffix = os.path.splitext(name)
+    for candidate in [name] + [f"{stem}-{sha256[:n]}{suffix}" for n in (8, 16, 64)]:
+        dest = folder / candidate
+        try:
+            os.link(tmp, dest)
+            return candidate, False
+        except FileExistsError:
+            if dest.is_file() and file_sha256(dest) == sha256:
+                return candidate, True
+    raise HTTPException(409, f"upload {name!r}: every name for it is taken by other content")
+
+
+class CapUploadBody:
+    """ASGI middleware: stop reading an upload's body past `limit` bytes. A larger declared
+    Content-Length is refused at once; a body without one is cut off while it streams (the
+    HTTPException raised from `receive` reaches FastAPI's form parsing, which answers it)."""
+
+    def __init__(self, app, limit: int, refusal: str):
+        self.app, self.limit, self.refusal = app, limit, refusal
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/api/upload":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await JSONResponse({"detail": self.refusal}, status_code=413)(scope, receive, send)
+        received = 0
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, self.refusal)
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+
 def create_app(predictor: Predicts, video_dir: Path | None = None, upload_dir: Path | None = None,
-               checkpoint: str | None = None) -> FastAPI:
+               checkpoint: str | None = None, host: str = "127.0.0.1", allow_hosts: tuple[str, ...] = (),
+               max_upload_mb: float = MAX_UPLOAD_MB) -> FastAPI:
     """The web app around one loaded predictor. Without `upload_dir`, uploads go to a temporary
-    folder that lives as long as the app."""
+    folder that lives as long as the app. Requests must name this machine, `host` or one of
+    `allow_hosts` in their Host header."""
     if video_dir is not None and not video_dir.is_dir():
         raise VmrError(f"--video-dir {video_dir}: no such folder")
+    check_upload_dir(video_dir, upload_dir)
+    if max_upload_mb <= 0:
+        raise VmrError(f"--max-upload-mb {max_upload_mb}: must be positive")
+    max_upload_bytes = int(max_upload_mb * (1 << 20))
     if predictor.task != "grounding":
         raise VmrError(f"model '{predictor.model_name}' ranks whole videos ({predictor.task}); the page shows "
                        "moments of a grounding model")
@@ -155,6 +250,22 @@ def create_app(predictor: Predicts, video_dir: Path | None = None, upload_dir: P
 
     app = FastAPI(title="vmr serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.library, app.state.keep_alive = library, keep_alive
+    too_large = f"upload refused: larger than {max_upload_mb:g} MB (--max-upload-mb)"
+    # the multipart headers around the file get one chunk of room; the file itself is capped exactly below
+    app.add_middleware(CapUploadBody, limit=max_upload_bytes + UPLOAD_CHUNK, refusal=too_large)
+
+    @app.middleware("http")  # outside the cap: another site's upload is refused before its body is read
+    async def refuse_other_sites(request: Request, call_next):
+        """Another site's form or script must not store a file or run the model."""
+        if request.method == "POST" and request.url.path in ("/api/upload", "/api/predict"):
+            if refusal := other_site(request):
+                return JSONResponse({"detail": refusal}, status_code=403)
+        return await call_next(request)
+
+    # added last, so it runs first: a request for another host name is refused before anything else
+    # an IPv6 address arrives in brackets ([::1]:7860); a name or IPv4 address as given
+    hosts = {f"[{h}]" if ":" in h else h for h in (h.strip("[]").lower() for h in (*LOCAL_HOSTS, host, *allow_hosts))}
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted(hosts))
 
     @app.exception_handler(VmrError)
     def bad_input(request, exc: VmrError):  # a video the predictor cannot read, a query it refuses
@@ -177,15 +288,25 @@ def create_app(predictor: Predicts, video_dir: Path | None = None, upload_dir: P
     @app.post("/api/upload")
     def upload(file: UploadFile = File(...)):
         name = upload_name(file.filename)
-        dest = upload_dir / name
-        size = 0
-        with atomic_path(dest) as tmp, open(tmp, "wb") as out:
-            while chunk := file.file.read(UPLOAD_CHUNK):
-                out.write(chunk)
-                size += len(chunk)
+        digest, size = hashlib.sha256(), 0
+        fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(name), dir=upload_dir)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := file.file.read(UPLOAD_CHUNK):
+                    size += len(chunk)
+                    if size > max_upload_bytes:
+                        raise HTTPException(413, too_large)
+                    out.write(chunk)
+                    digest.update(chunk)
+                os.fsync(out.fileno())
             if size == 0:
                 raise HTTPException(400, f"upload {file.filename!r}: the file is empty")
-        return library.entry("upload", name, dest)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; the user's other files can read theirs
+            stored, reused = store_upload(tmp, upload_dir, name, digest.hexdigest())
+        finally:
+            tmp.unlink(missing_ok=True)  # linked under its name, or not wanted
+        return {**library.entry("upload", stored, upload_dir / stored), "reused": reused}
 
     @app.post("/api/predict")
     def predict(req: PredictRequest):

@@ -9,6 +9,9 @@ takes a minute or more, so those tests are slow."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import re
 import socket
 
@@ -45,8 +48,12 @@ def folder(tmp_path_factory):
     return root
 
 
-def make_client(predictor, folder, uploads):
-    client = TestClient(create_app(predictor, video_dir=folder, upload_dir=uploads, checkpoint="best.pt"))
+PAGE = "http://127.0.0.1:7860"  # the page's own origin, as a browser on this machine sends it
+
+
+def make_client(predictor, folder, uploads, **options):
+    client = TestClient(create_app(predictor, video_dir=folder, upload_dir=uploads, checkpoint="best.pt", **options),
+                        base_url=PAGE)
     client.uploads = uploads
     return client
 
@@ -137,7 +144,7 @@ def upload(client, folder) -> dict:
     entry = response.json()
     # the name is reduced to a safe base name inside the upload folder
     assert entry["id"] == "upload/my_clip.mp4" and (client.uploads / "my_clip.mp4").read_bytes() == data
-    assert not [p.name for p in client.uploads.iterdir() if p.name.startswith(".tmp-")]
+    assert not leftovers(client.uploads)
     assert entry["id"] in [v["id"] for v in client.get("/api/videos").json()]
     assert client.get(entry["url"]).content == data
     return entry
@@ -162,6 +169,145 @@ def test_upload_refuses_what_is_not_a_video(client, name, content, message):
     response = client.post("/api/upload", files={"file": (name, content)})
     assert response.status_code == 400 and message in response.json()["detail"]
     assert not any(p.name.startswith(".tmp-") or p.name == name for p in client.uploads.iterdir())
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".tmp-"))
+
+
+def test_an_upload_never_replaces_a_file(folder, tmp_path):
+    first, other = (folder / "a.mp4").read_bytes(), (folder / "sub" / "b.mp4").read_bytes()
+    uploads = tmp_path / "uploads"
+    with make_client(NoModel(), folder, uploads) as client:
+        def send(name, data):
+            response = client.post("/api/upload", files={"file": (name, data, "video/mp4")})
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        assert send("a b.mp4", first) | {"size": 0} == {
+            "id": "upload/a_b.mp4", "name": "a_b.mp4", "source": "upload", "size": 0,
+            "url": "/videos/upload/a_b.mp4", "reused": False}
+        # another file whose name cleans to the same one: stored beside it under a content-hash suffix
+        clash = send("a_b.mp4", other)
+        suffix = hashlib.sha256(other).hexdigest()[:8]
+        assert clash["id"] == f"upload/a_b-{suffix}.mp4" and not clash["reused"]
+        # the same bytes again, under either name: the stored file is reused, nothing new is written
+        assert send("a_b.mp4", first)["id"] == "upload/a_b.mp4" and send("a_b.mp4", first)["reused"]
+        assert send("a_b.mp4", other)["id"] == clash["id"]
+        assert {p.name: p.read_bytes() for p in uploads.iterdir()} == {"a_b.mp4": first, f"a_b-{suffix}.mp4": other}
+        assert client.get(clash["url"]).content == other
+
+
+@pytest.mark.parametrize("inside", ["", "sub", "sub/deeper"])
+def test_an_upload_dir_inside_the_video_dir_is_refused(folder, inside, some_file):
+    uploads = folder / inside if inside else folder
+    with pytest.raises(VmrError, match="is inside --video-dir"):
+        create_app(NoModel(), video_dir=folder, upload_dir=uploads)
+    result = CliRunner().invoke(cli, ["serve", "--model", "mmn", "--checkpoint", str(some_file),
+                                      "--video-dir", str(folder), "--upload-dir", str(uploads)])
+    assert result.exit_code == 2, result.output
+    assert f"--upload-dir {uploads} is inside --video-dir {folder}" in " ".join(result.output.split())
+    assert not (folder / "sub" / "deeper").exists()
+
+
+@pytest.mark.parametrize("host, allowed", [
+    ("127.0.0.1:7860", True), ("localhost:7860", True), ("[::1]:7860", True), ("LOCALHOST", True),
+    ("evil.example.com", False), ("evil.example.com:7860", False), ("127.0.0.1.evil.example.com", False),
+    ("studio.lan:7860", True),  # --allow-host
+    ("192.168.1.5:7860", True),  # --host
+])
+def test_only_this_machines_host_names_are_answered(folder, tmp_path, host, allowed):
+    with make_client(NoModel(), folder, tmp_path, host="192.168.1.5", allow_hosts=("studio.lan",)) as client:
+        response = client.get("/api/videos", headers={"Host": host})
+    assert response.status_code == (200 if allowed else 400), response.text
+    if not allowed:
+        assert "Invalid host header" in response.text
+
+
+def test_another_sites_page_cannot_upload_or_run_the_model(client, folder):
+    data = (folder / "a.mp4").read_bytes()
+    before = sorted(p.name for p in client.uploads.iterdir())
+    for origin in ("http://evil.example.com", "null", "http://127.0.0.1:9999", "https://127.0.0.1:7860"):
+        response = client.post("/api/upload", files={"file": ("cross.mp4", data)}, headers={"Origin": origin})
+        assert response.status_code == 403, origin
+        assert f"request from {origin} refused" in response.json()["detail"]
+        response = client.post("/api/predict", json={"video": "folder/a.mp4", "queries": "x"}, headers={"Origin": origin})
+        assert response.status_code == 403, origin  # and NoModel was not called
+    assert sorted(p.name for p in client.uploads.iterdir()) == before
+    # refused before the body is read
+    sent = []
+
+    def body():
+        sent.append(1)
+        yield multipart("cross.mp4", data)
+
+    response = client.post("/api/upload", content=body(), headers={
+        "Origin": "http://evil.example.com", "Content-Type": "multipart/form-data; boundary=vmrboundary"})
+    assert response.status_code == 403 and sent == []
+    # the page's own origin is fine
+    response = client.post("/api/upload", files={"file": ("own.mp4", data)}, headers={"Origin": PAGE})
+    assert response.status_code == 200 and response.json()["id"] == "upload/own.mp4"
+
+
+def multipart(name: str, data: bytes, boundary: str = "vmrboundary") -> bytes:
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: video/mp4\r\n\r\n").encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode()
+
+
+async def post_in_pieces(app, path: str, headers: dict, pieces) -> tuple[int, dict]:
+    """POST to an ASGI app a body without Content-Length, one `http.request` message per piece."""
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": path, "raw_path": path.encode(),
+             "root_path": "", "scheme": "http", "query_string": b"", "client": ("127.0.0.1", 50000),
+             "server": ("127.0.0.1", 7860),
+             "headers": [(b"host", b"127.0.0.1:7860"), *((k.lower().encode(), v.encode()) for k, v in headers.items())]}
+    pieces, replies = iter(pieces), []
+
+    async def receive():
+        piece = next(pieces, None)
+        return {"type": "http.request", "body": piece or b"", "more_body": piece is not None}
+
+    async def send(message):
+        replies.append(message)
+
+    await app(scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in replies if m["type"] == "http.response.body")
+    return replies[0]["status"], json.loads(body)
+
+
+def test_an_upload_over_the_cap_is_refused_and_leaves_nothing(folder, tmp_path):
+    uploads = tmp_path / "uploads"
+    cap_mb = 0.01  # 10,485 bytes
+    with make_client(NoModel(), folder, uploads, max_upload_mb=cap_mb) as client:
+        def refused(response=None, status=None, body=None):
+            status, body = (response.status_code, response.json()) if response is not None else (status, body)
+            assert status == 413, body
+            assert "larger than 0.01 MB (--max-upload-mb)" in body["detail"]
+            assert list(uploads.iterdir()) == []
+
+        # a file just over the cap, in a body small enough to be read: refused while it is copied
+        refused(client.post("/api/upload", files={"file": ("big.mp4", b"x" * 10_486)}))
+        body = multipart("huge.mp4", b"x" * (3 << 20))
+        sent = []
+
+        def stream():  # the body in 64 KiB pieces, counting what the server pulled
+            for i in range(0, len(body), 65536):
+                sent.append(i)
+                yield body[i:i + 65536]
+
+        form = {"Content-Type": "multipart/form-data; boundary=vmrboundary"}
+        # a body declared larger than the cap: refused before it is read
+        refused(client.post("/api/upload", content=stream(), headers={**form, "Content-Length": str(len(body))}))
+        assert len(sent) <= 1
+        assert sent == []  # (TestClient reads a body whole on the first receive: nothing was asked)
+        # a streamed body with no declared length: cut off once past the cap (+ 1 MiB for the multipart
+        # headers). TestClient hands the app a body whole, so the app is driven as a server does, in pieces.
+        status, reply = asyncio.run(post_in_pieces(client.app, "/api/upload", form, stream()))
+        refused(status=status, body=reply)
+        assert 16 < len(sent) < 20  # 1.01 MiB in 64 KiB pieces, of 49
+        exact = client.post("/api/upload", files={"file": ("fits.mp4", b"x" * 10_485)})
+        assert exact.status_code == 200 and (uploads / "fits.mp4").stat().st_size == 10_485
+    assert not leftovers(uploads)
 
 
 @pytest.mark.parametrize("request_json, status, message", [
