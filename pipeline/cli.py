@@ -306,7 +306,7 @@ def dag(
     from pipeline.core.params import read_yaml
     from pipeline.dag import build_dag, render
 
-    stages = build_dag(_params(params, None), read_yaml(params))
+    stages = build_dag(_params(params, None), read_yaml(params), str(params))
     text = render(stages)
     if check:
         if not out.is_file() or out.read_text() != text:

@@ -410,7 +410,9 @@ def run(params: Any, source: str, fmt: str, out_dir: str | os.PathLike, features
     from pipeline.core.params import ParamsError, require_files
     from pipeline.core.progress import log
     from pipeline.core.provenance import read_record
+    from pipeline.media.framestore import decoded_durations
     from pipeline.text.annotations import CLEANING_POLICIES, AnnotationError, load_split
+    from stages.common import duration_files
 
     if fmt not in FORMATS:
         raise ParamsError(f"--format {fmt}: expected one of {list(FORMATS)}")
@@ -419,9 +421,8 @@ def run(params: Any, source: str, fmt: str, out_dir: str | os.PathLike, features
     policy = OFFICIAL_CLEANING[fmt] if cleaning == "official" else cleaning
     d = params.dataset
     files = {f"dataset.splits.{s}": p for s, p in d.splits.items()}
-    if d.format == "charades_sta":
-        files |= {f"dataset.durations.{i}": p for i, p in enumerate(d.durations)}
-    require_files(source, files)
+    durations = duration_files(params, source)  # own videos: decode's records, as training reads them
+    require_files(source, files | {k: str(p) for k, p in durations.items()})
 
     needs = MODELS.get(fmt).needs(MODELS.config(params, fmt), d)
     names = list(features or needs.features)
@@ -440,16 +441,19 @@ def run(params: Any, source: str, fmt: str, out_dir: str | os.PathLike, features
             raise ExportError(f"{query_file}: MRNet's query features not found (run `vmr query-features --model mrnet`)")
         _check_made_for(read_record(query_file), d, str(query_file), "vmr query-features --model mrnet")
 
+    video_durations = decoded_durations(d, params.decode.out_dir)
     splits = {}
     try:
         for split, path in d.splits.items():
             splits[split] = list(load_split(path, d.format, dataset=d.name, split=split, durations=d.durations,
-                                            cleaning=policy, on_error=d.on_error))
+                                            video_durations=video_durations, cleaning=policy, on_error=d.on_error))
     except (AnnotationError, ValueError) as e:
         raise ParamsError(str(e)) from None
     manifest = export(fmt, out_dir, splits, feature_files, vocab_dir=vocab_dir, query_features=query_file,
                       notes={"dataset": d.name, "cleaning": policy,
-                             "sources": {"annotations": dict(d.splits), "features": {n: str(p) for n, p in feature_files.items()},
+                             "sources": {"annotations": dict(d.splits),
+                                         "durations": [str(p) for p in durations.values()],
+                                         "features": {n: str(p) for n, p in feature_files.items()},
                                          "vocab_dir": str(vocab_dir) if fmt in ("mesm", "cnm") else None,
                                          "query_features": str(query_file) if query_file else None}})
     counts = ", ".join(f"{s}: {v['queries']}" for s, v in manifest["splits"].items())

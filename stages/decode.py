@@ -15,11 +15,7 @@ from pipeline.core.params import Params, ParamsError, require_files, subset
 from pipeline.core.progress import log, make_progress
 from pipeline.core.provenance import make_record, write_record
 from pipeline.media.decode import decode_all, list_videos, unusable_videos
-
-
-def frame_models(params: Params) -> list[str]:
-    """The models of `models` that read decoded frames themselves."""
-    return [m for m in params.models if MODELS.get(m).needs(MODELS.config(params, m), params.dataset).frames]
+from stages.common import frame_models
 
 
 def members(params: Params) -> list[type]:

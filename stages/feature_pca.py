@@ -16,8 +16,9 @@ from pipeline.core.params import Params, ParamsError, require_files, subset
 from pipeline.core.progress import log
 from pipeline.core.provenance import make_record
 from pipeline.media.feature_pca import pca_feature_file
-from pipeline.media.framestore import decoded_durations, durations_path
+from pipeline.media.framestore import decoded_durations
 from pipeline.text.annotations import load_dataset_split
+from stages.common import duration_files
 
 
 def run(params: Params, source: str, model: str, **_) -> None:
@@ -35,8 +36,7 @@ def run(params: Params, source: str, model: str, **_) -> None:
     inputs = {f"features.{pca.source}": str(src)}
     if pca.fit_on == "train":
         inputs["dataset.splits.train"] = params.dataset.splits.get("train", "<no 'train' in dataset.splits>")
-        if params.dataset.durations_from_decode:
-            inputs["dataset.durations (empty: decode's records)"] = str(durations_path(params.decode.out_dir))
+        inputs |= {key: str(path) for key, path in duration_files(params, source).items()}
     require_files(source, inputs)
     fit_videos = None if pca.fit_on == "all" else load_dataset_split(
         params.dataset, "train", decoded_durations(params.dataset, params.decode.out_dir)).video_ids()

@@ -32,6 +32,7 @@ from pipeline.text.sentence_features import (
     unique_sentences,
     write_query_features,
 )
+from stages.common import duration_files
 
 
 def _weights_file(encoder_dir: Path) -> Path | None:
@@ -63,7 +64,7 @@ def run(params: Params, source: str, model: str, **_) -> None:
     enc, at = spec.encoder, f"model.{model}.{spec.config_keys[0]}"
     require_files(source, {f"{at}.encoder_dir": enc.encoder_dir, f"{at}.audio_manifest": enc.audio_manifest})
     require_files(source, {f"dataset.splits.{s}": params.dataset.splits.get(s, f"<split '{s}' not in dataset.splits>")
-                           for s in enc.splits})
+                           for s in enc.splits} | {k: str(p) for k, p in duration_files(params, source).items()})
     durations = decoded_durations(params.dataset, params.decode.out_dir)
     queries = {s: load_dataset_split(params.dataset, s, durations) for s in enc.splits}
     sentences = unique_sentences(q.sentence for split in queries.values() for q in split)

@@ -9,9 +9,9 @@ from pipeline.core import provenance
 from pipeline.core.codedeps import stage_code
 from pipeline.core.params import Params, ParamsError, require_files, subset
 from pipeline.core.progress import is_rank_zero, log
-from pipeline.media.framestore import durations_path
 from pipeline.training.checkpoints import finished_run_fields
 from pipeline.training.trainer import DataContext, fit
+from stages.common import duration_files
 
 
 def data_context(params: Params, model: str) -> DataContext:
@@ -27,31 +27,20 @@ def data_context(params: Params, model: str) -> DataContext:
     )
 
 
-def duration_files(params: Params) -> dict[str, Path]:
-    """Where the queries' video durations come from, for formats that need them: the csv files of
-    `dataset.durations`, or decode's records of the videos when that is empty."""
-    d = params.dataset
-    if d.durations_from_decode:
-        return {"dataset.durations (empty: decode's records)": durations_path(params.decode.out_dir)}
-    if d.format == "charades_sta":
-        return {f"dataset.durations.{i}": Path(p) for i, p in enumerate(d.durations)}
-    return {}
-
-
-def annotation_files(params: Params) -> dict[str, Path]:
+def annotation_files(params: Params, source: str = "params") -> dict[str, Path]:
     """The annotation files every model reads: the splits, and the durations where the format needs them."""
-    return {f"dataset.splits.{s}": Path(p) for s, p in params.dataset.splits.items()} | duration_files(params)
+    return {f"dataset.splits.{s}": Path(p) for s, p in params.dataset.splits.items()} | duration_files(params, source)
 
 
-def model_inputs(params: Params, model: str, data: DataContext) -> dict[str, Path]:
+def model_inputs(params: Params, model: str, data: DataContext, source: str = "params") -> dict[str, Path]:
     """Every file training `model` reads, by role: the annotations and what the model needs."""
     needs = MODELS.get(model).needs(MODELS.config(params, model), params.dataset)
-    return annotation_files(params) | data.input_files(needs)
+    return annotation_files(params, source) | data.input_files(needs)
 
 
 def check_inputs(params: Params, source: str, model: str, data: DataContext) -> dict[str, Path]:
     """`model_inputs`, after checking that each exists (exit 2 naming the key if one is missing)."""
-    inputs = model_inputs(params, model, data)
+    inputs = model_inputs(params, model, data, source)
     require_files(source, {k: str(v) for k, v in inputs.items()})
     # every query's video has features (or is skipped), before any work
     for split in sorted({"train", params.trainer.select_split, params.evaluate.split} & set(data.splits)):

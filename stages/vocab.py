@@ -14,6 +14,7 @@ from pipeline.core.provenance import make_record, write_record
 from pipeline.media.framestore import decoded_durations, durations_path
 from pipeline.text import vocab
 from pipeline.text.annotations import AnnotationError, load_dataset_split
+from stages.common import duration_files
 
 OUTPUTS = ("CLIP_tokenized_count.txt", "GloVe_tokenized_count.txt", "glove.pkl", "vocab_report.json")
 
@@ -24,10 +25,7 @@ def run(params: Params, source: str, **_: object) -> None:
     if unknown:
         raise ParamsError(f"{source}: key 'vocab.splits': split(s) {unknown} not in dataset.splits {sorted(d.splits)}")
     files = {f"dataset.splits.{s}": d.splits[s] for s in v.splits}
-    if d.durations_from_decode:
-        files["dataset.durations (empty: decode's records)"] = str(durations_path(params.decode.out_dir))
-    elif d.format == "charades_sta":
-        files |= {f"dataset.durations.{i}": p for i, p in enumerate(d.durations)}
+    files |= {key: str(path) for key, path in duration_files(params, source).items()}
     files["vocab.glove_file"] = v.glove_file
     require_files(source, files)
     if v.glove_file and d.name != "synthetic" and Path(params.synth.out_dir).resolve() in Path(v.glove_file).resolve().parents:

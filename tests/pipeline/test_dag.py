@@ -211,3 +211,45 @@ def test_an_import_may_not_shadow_a_file_another_stage_makes(tmp_path):
     assert result.exit_code == 2, result.output
     assert ("features/query_distilbert.h5 would be written by both stage 'import_features-query_distilbert' "
             "and stage 'query_features-mrnet'") in result.output
+
+
+def test_imported_features_need_durations_from_a_file_not_decode(tmp_path, monkeypatch):
+    """Own videos' annotations take their durations from decode's records, but with every feature
+    imported and no model reading frames nothing is decoded: `vmr dag` and every stage that reads the
+    durations refuse, naming `dataset.durations`, instead of a DAG whose durations.json has no maker."""
+    raw = deep_merge(read_yaml(PARAMS), read_yaml(REPO_ROOT / "profiles" / "own_data.yaml"))
+    raw["imports"] = {"clip": {"path": "published/clip.h5", "layout": "hdf5_flat", "seconds_per_row": 1.0}}
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = tmp_path / "dvc.yaml"
+    result = CliRunner().invoke(app, ["dag", "--params", str(params_path), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "key 'dataset.durations'" in result.output and "no video is decoded" in result.output
+    assert not out.exists()
+    monkeypatch.chdir(tmp_path)
+    for command in (["vocab"], ["train", "--model", "mmn"], ["query-features", "--model", "mrnet"],
+                    ["export", "exported", "--format", "mmn"]):  # evaluate: train's check, after best.pt
+        result = CliRunner().invoke(app, [*command, "--params", str(params_path)])
+        assert result.exit_code == 2 and "key 'dataset.durations'" in result.output, (command, result.output)
+    assert not (tmp_path / "exported").exists()
+
+    # durations from a csv: no decode stage, and nothing depends on decode's records
+    raw["dataset"]["durations"] = ["data/own/durations.csv"]
+    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = CliRunner().invoke(app, ["dag", "--params", str(params_path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    stages = yaml.safe_load(out.read_text())["stages"]
+    assert set(stages) == {"import_features-clip", "vocab", "train-mmn", "evaluate-mmn"}
+    for name in ("vocab", "train-mmn", "evaluate-mmn"):
+        assert "data/own/durations.csv" in stages[name]["deps"] and "work/frames/durations.json" not in stages[name]["deps"]
+
+    # a model that reads frames brings decode back, and with it the records
+    raw["dataset"]["durations"] = []
+    raw["models"] = ["mmn", "glscl"]
+    raw["dataset"]["video_captions"] = "data/own/captions.json"
+    raw["model"]["glscl"]["input"] = "frames"
+    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = CliRunner().invoke(app, ["dag", "--params", str(params_path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    stages = yaml.safe_load(out.read_text())["stages"]
+    assert "decode" in stages and "work/frames/durations.json" in stages["vocab"]["deps"]

@@ -318,3 +318,86 @@ def test_mrnet_names_without_dots_and_collisions_refused(tmp_path):
     with pytest.raises(ExportError, match="same MRNet query file"):
         export("mrnet", tmp_path / "bad", {"test": queries}, {"f": tmp_path / "f.h5"}, query_features=tmp_path / "q.h5")
     assert not (tmp_path / "bad").exists() and leftovers(tmp_path) == []
+
+
+# -- your own videos: durations from decode's records ------------------------------------------------
+
+OWN_DURATIONS = {"kitchen01": 5.25, "hall02": 4.125, "yard03": 6.5}  # as decode writes durations.json
+OWN_TRAIN = "kitchen01 0.0 2.5##a person opens the fridge.\nhall02 1.0 4.0##a person sits on the chair.\n"
+OWN_TEST = "yard03 0.5 3.0##a person opens the door.\n"
+
+
+@pytest.fixture(scope="module")
+def own_project(tmp_path_factory) -> Path:
+    """A clone with profiles/own_data.yaml's files: Charades-STA txt without any duration csv,
+    decode's durations.json (written here instead of decoding), a tiny flat features/clip.h5."""
+    from pipeline.core.codedeps import REPO_ROOT
+
+    root = tmp_path_factory.mktemp("own")
+    (root / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    (root / "profiles").mkdir()
+    (root / "profiles" / "own_data.yaml").write_text((REPO_ROOT / "profiles" / "own_data.yaml").read_text())
+    own = root / "data" / "own"
+    (own / "videos").mkdir(parents=True)
+    (own / "train.txt").write_text(OWN_TRAIN)
+    (own / "test.txt").write_text(OWN_TEST)
+    (root / "work" / "frames").mkdir(parents=True)
+    (root / "work" / "frames" / "durations.json").write_text(json.dumps(OWN_DURATIONS))
+    (root / "features").mkdir()
+    rng = np.random.default_rng(0)
+    with h5py.File(root / "features" / "clip.h5", "w") as h5:
+        for vid, seconds in OWN_DURATIONS.items():
+            h5[vid] = rng.normal(size=(int(seconds), 4)).astype(np.float32)
+    (root / "glove.txt").write_text("".join(f"{w} {i}.5 -{i}.25 0.125\n" for i, w in enumerate(
+        "a person opens the fridge sits on chair door .".split())))
+    return root
+
+
+def own_vmr(root: Path, *args: str, monkeypatch):
+    monkeypatch.chdir(root)  # the profile's paths are relative, as in a clone
+    return vmr(*args, "--profile", "profiles/own_data.yaml", "--set", "vocab.glove_file=glove.txt",
+               "--set", "vocab.glove_dim=3", "--set", "vocab.splits=[train, test]")
+
+
+def test_own_data_exports_with_decoded_durations_in_every_format(own_project, monkeypatch):
+    """issue 19: the official code trained on vmr's features of one's own videos. Every format reads
+    the durations decode measured (MESM's Charades_v1 csv `length` too); none is invented."""
+    for cmd in (["vocab"], ["query-features", "--model", "mrnet"]):
+        result = own_vmr(own_project, *cmd, monkeypatch=monkeypatch)
+        assert result.exit_code == 0, result.output
+    durations_of = {}
+    for fmt in ("mesm", "mmn", "cnm", "mrnet"):
+        result = own_vmr(own_project, "export", f"out_{fmt}", "--format", fmt, monkeypatch=monkeypatch)
+        assert result.exit_code == 0, result.output
+        out = own_project / f"out_{fmt}"
+        manifest = json.loads((out / "vmr_export.json").read_text())
+        assert manifest["sources"]["durations"] == ["work/frames/durations.json"]
+        assert {s: v["queries"] for s, v in manifest["splits"].items()} == {"train": 2, "test": 1}
+        got = {}
+        for split in ("train", "test"):
+            if fmt == "mesm":
+                ann = out / "data" / "charades" / "annotations"
+                queries = load_split(ann / f"charades_sta_{split}.txt", "charades_sta",
+                                     durations=[ann / f"Charades_v1_{split}.csv"])
+                got |= {q.video_id: q.duration for q in queries}
+            elif fmt == "cnm":
+                got |= {vid: d for vid, d, _, _ in json.loads((out / "data" / "charades" / f"{split}.json").read_text())}
+            else:
+                name = f"charades_{split}.json" if fmt == "mmn" else f"{split}_audio_new.json"
+                videos = json.loads((out / "dataset" / "Charades_STA" / name).read_text())
+                got |= {vid: rec["duration"] for vid, rec in videos.items()}
+        durations_of[fmt] = got
+    assert all(got == OWN_DURATIONS for got in durations_of.values()), durations_of
+
+
+def test_own_data_export_without_decode_records_names_the_file(own_project, tmp_path, monkeypatch):
+    import shutil
+
+    clone = tmp_path / "clone"
+    shutil.copytree(own_project, clone, ignore=shutil.ignore_patterns("out_*"))
+    (clone / "work" / "frames" / "durations.json").unlink()
+    result = own_vmr(clone, "export", "out", "--format", "mmn", monkeypatch=monkeypatch)
+    assert result.exit_code == 2
+    assert "key 'dataset.durations (empty: decode's records)': input file not found: work/frames/durations.json" \
+        in result.output
+    assert not (clone / "out").exists()
