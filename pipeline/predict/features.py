@@ -197,7 +197,8 @@ class FeatureCache:
         """The extractor of the recipe, built as the extract stage builds it (same seed, same weights)."""
         if f.extractor not in self._models:
             cls = EXTRACTORS.get(f.extractor)
-            config = cls.Config.model_validate({**f.config, "device": str(self.device)})
+            located = {"weights": str(f.weights_file)} if f.weights_file else {}  # found from any cwd
+            config = cls.Config.model_validate({**f.config, **located, "device": str(self.device)})
             extractor = cls(config)
             key = extractor.protocol().key
             if f.protocol_key is not None and key != f.protocol_key:
