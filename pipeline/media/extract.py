@@ -67,6 +67,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def extractor_code(extractor_cls: type) -> str:
+    """Digest of an extractor's code (its module's import closure); "" for a class outside the project."""
+    module = extractor_cls.__module__
+    return code_version(import_closure([module])) if module_file(module) else ""
+
+
 def extractor_digest(description: dict, weights: str, code: str = "") -> str:
     """What makes a video's features: the extractor's description, its weights and its code."""
     blob = json.dumps({"extractor": description, "weights": weights, "code": code}, sort_keys=True)
@@ -220,9 +226,7 @@ def extract_videos(
     key = extractor.protocol().key
     # its code too: DVC re-runs extract when the code changes, and a kept (persist) output of the
     # old code must not be resumed as done
-    module = type(extractor).__module__
-    code = code_version(import_closure([module])) if module_file(module) else ""  # "": not the project's
-    digest = extractor_digest(extractor.describe(), weights, code)
+    digest = extractor_digest(extractor.describe(), weights, extractor_code(type(extractor)))
 
     videos: list[_Video] = []
     for vid in video_ids:

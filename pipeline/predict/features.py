@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,31 @@ from pipeline.predict.recipe import FeatureRecipe, Recipe
 from stages.extract import build as build_extractor_model
 
 ENTRY_RECORD = "video.json"
+WORK_PREFIX = ".tmp-work-"  # + <host>.<pid>. : the process that owns it, so a later run knows it dead
+
+
+def remove_stale_work(cache_dir: Path) -> int:
+    """Delete the work folders (decoded frames) that killed runs left in any entry directory of the
+    cache; returns how many. Only those of dead processes on this host: another predict or serve
+    may be working beside us, and a cache shared over NFS holds other hosts' folders in flight."""
+    host, removed = socket.gethostname(), 0
+    for work in Path(cache_dir).glob(f"*/{WORK_PREFIX}*"):
+        owner = work.name.removeprefix(WORK_PREFIX).rsplit(".", 2)  # host, pid, random part
+        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit() or _alive(int(owner[1])):
+            continue
+        shutil.rmtree(work, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 class VideoError(VmrError):
@@ -73,6 +99,7 @@ class FeatureCache:
         # CPU and GPU (AMP) features differ in the last bits: one cache per device type
         self.root = Path(cache_dir) / f"{recipe.digest}-{device.type}"
         self.device = device
+        remove_stale_work(cache_dir)
         self.counters = Counters()
         self._models: dict[str, tuple[Any, torch.nn.Module, str]] = {}  # extractor name -> (extractor, model, weights)
         self._sha: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: a second query skips hashing
@@ -120,7 +147,7 @@ class FeatureCache:
 
     def _make(self, videos: dict[str, Path]) -> dict[str, CachedVideo]:
         self.root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".tmp-work-", dir=self.root))
+        work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{socket.gethostname()}.{os.getpid()}.", dir=self.root))
         try:
             ids = {sha: sha[:16] for sha in videos}
             extractors = {f.extractor: self._extractor(f) for f in self.recipe.features}
@@ -197,7 +224,8 @@ class FeatureCache:
         """The extractor of the recipe, built as the extract stage builds it (same seed, same weights)."""
         if f.extractor not in self._models:
             cls = EXTRACTORS.get(f.extractor)
-            config = cls.Config.model_validate({**f.config, "device": str(self.device)})
+            located = {"weights": str(f.weights_file)} if f.weights_file else {}  # found from any cwd
+            config = cls.Config.model_validate({**f.config, **located, "device": str(self.device)})
             extractor = cls(config)
             key = extractor.protocol().key
             if f.protocol_key is not None and key != f.protocol_key:

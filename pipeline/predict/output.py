@@ -13,6 +13,7 @@ import io
 import json
 import mimetypes
 import os
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,14 +81,24 @@ def _srt_time(seconds: float) -> str:
     return f"{h:02d}:{m:02d}:{s:02d},{ms:03d}"
 
 
+MISMATCH_CUE_SECONDS = 5.0
+
+
 def _srt(records: list[dict]) -> str:
-    """Subtitles of one video: each moment as a cue `query (#rank, score)`, in time order."""
+    """Subtitles of one video: each moment as a cue `query (#rank, score)`, in time order. An
+    overridden recipe mismatch comes first, as a cue over the first seconds: SRT has no comment
+    syntax (WebVTT's NOTE is not SRT), and a warning a player shows is better than one it drops."""
     videos = sorted({r["video"] for r in records})
     if len(videos) > 1:
         raise OutputError(f"--out .srt holds the moments of one video; got {len(videos)} videos "
                           "(use .json, .jsonl or .csv, or one video per run)")
     cues = sorted((m["start"], m["end"], f"{r['query']} (#{rank}, {m['score']:.3f})")
                   for r in records for rank, m in enumerate(r["moments"], 1))
+    mismatch = records[0].get("recipe_mismatch") if records else None
+    if mismatch:
+        # a blank line ends an SRT cue: one line per mismatch, none empty
+        lines = [" ".join(str(m).split()) for m in mismatch]
+        cues.insert(0, (0.0, MISMATCH_CUE_SECONDS, "\n".join(["vmr predict: recipe mismatch, overridden:", *lines])))
     return "".join(f"{i}\n{_srt_time(s)} --> {_srt_time(e)}\n{text}\n\n" for i, (s, e, text) in enumerate(cues, 1))
 
 
@@ -117,7 +128,9 @@ def _video_src(video: Path, page: Path) -> str:
     """The video inlined (self-contained), or its path relative to the page when too large."""
     if video.stat().st_size <= EMBED_VIDEO_MAX_BYTES:
         return _data_uri(video.read_bytes(), mimetypes.guess_type(video.name)[0] or "video/mp4")
-    return html.escape(Path(os.path.relpath(video.resolve(), page.resolve().parent)).as_posix())
+    # a URL, not a path: `#`, `?` and `%` in a file name would otherwise end or garble it
+    relative = Path(os.path.relpath(video.resolve(), page.resolve().parent)).as_posix()
+    return html.escape(urllib.parse.quote(relative))
 
 
 def render_html(records: list[dict], thumbnail: Callable[[str, float], bytes], page: Path) -> str:

@@ -23,9 +23,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from extractors import EXTRACTORS
 from models import MODELS
 from pipeline.core.params import DatasetParams
 from pipeline.core.provenance import read_record, record_path, sha256_file, sha256_path
+from pipeline.media.decode import decoder_code
+from pipeline.media.extract import extractor_code, extractor_digest
 from pipeline.media.sampling import SamplingProtocol
 from pipeline.text.annotations import load_dataset_split
 
@@ -56,6 +59,9 @@ class FeatureRecipe:
     pca: PCAStep | None = None
     path: Path | None = None  # the training feature file, found here (GLSCL's search reads its train rows)
     device_type: str | None = None  # where the training features were extracted ("cpu", "cuda"), if recorded
+    # the code that makes the features here (decoder, extractor): part of the cache key
+    code: dict[str, str] = dataclasses.field(default_factory=dict)
+    weights_file: Path | None = None  # config["weights"] found from here (see `locate`)
 
 
 @dataclasses.dataclass
@@ -87,7 +93,8 @@ class Recipe:
     @functools.cached_property
     def digest(self) -> str:
         """What the cached features of a video depend on (the cache key, with the video's sha256)."""
-        parts = [dataclasses.asdict(f) | {"path": None, "device_type": None, "pca": None if f.pca is None else {
+        parts = [dataclasses.asdict(f) | {"path": None, "device_type": None, "weights_file": None,
+                                          "pca": None if f.pca is None else {
             "source": sha256_file(f.pca.source_file), "fit": f.pca.fit_videos, "k": f.pca.components}}
             for f in self.features]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -230,8 +237,11 @@ def _feature_recipe(name: str, entry: dict | None, anchor: Path, dataset: dict |
     feature = described["name"]
     weights = (record.get("weights") or {}).get(feature, "unknown")
     config = dict(described.get("config", {}))
-    if not _check_weights(feature, config, weights, mismatches):
+    weights_file = _check_weights(feature, config, weights, anchor, mismatches)
+    if weights_file is False:
         return None
+    code = {"decode": decoder_code(), "extract": extractor_code(EXTRACTORS.get(feature))}
+    _check_code(path, feature, described, weights, code, record, anchor, mismatches, notes)
     return FeatureRecipe(
         name=name, extractor=feature, config=config,
         protocol_key=_protocol_key(described.get("protocol")), weights=weights,
@@ -239,28 +249,63 @@ def _feature_recipe(name: str, entry: dict | None, anchor: Path, dataset: dict |
         device_type=_extract_record(record, anchor).get("device_type"),
         merge={k: v for k, v in (record.get("params", {}).get("merge") or {}).items()
                if k in ("dtype", "compression", "layout")},
-        path=path,
+        path=path, code=code, weights_file=weights_file,
     )
 
 
-def _check_weights(feature: str, config: dict, weights: str, mismatches: list[str]) -> bool:
-    """Whether the recorded weights can be loaded here (a mismatch is listed when they differ)."""
+def _check_weights(feature: str, config: dict, weights: str, anchor: Path, mismatches: list[str]) -> Path | None | bool:
+    """The recorded weights file found here (None: random init or no file named); False when it
+    cannot be loaded here. A mismatch is listed when it differs."""
+    file = config.get("weights")
     if weights == "random":
-        return True
+        return None
     if weights == "unknown":
         mismatches.append(f"the '{feature}' features record no weights digest")
-        return True
-    file = config.get("weights")
-    if not file or not Path(file).is_file():
+    found = locate(file, anchor) if file else None
+    if found is None or not found.is_file():
+        if weights == "unknown":
+            return None
         mismatches.append(f"the '{feature}' features were extracted with weights of sha256 {weights}; "
                           f"that weights file ({file or 'no path recorded'}) is not on this machine")
         return False
-    digest = sha256_file(file)
-    if digest != weights:
-        mismatches.append(f"extractors.{feature}.weights {file}: sha256 {digest} differs from the {weights} "
+    digest = sha256_file(found)
+    if weights != "unknown" and digest != weights:
+        mismatches.append(f"extractors.{feature}.weights {found}: sha256 {digest} differs from the {weights} "
                           "the training features were extracted with")
         config["weights_sha256"] = None  # overridden: the file here is used as it is
-    return True
+    return found
+
+
+def _check_code(path: Path, feature: str, described: dict, weights: str, code: dict[str, str],
+                merge_record: dict, anchor: Path, mismatches: list[str], notes: list[str]) -> None:
+    """Compare the code that made the training features (named by the extract sidecars, as extract's
+    resume reads them) with this checkout's: other code may make other features."""
+    npy = (merge_record.get("inputs") or {}).get("features")
+    npy_dir = locate(npy["path"], anchor) if npy else None
+    sidecar = None
+    if npy_dir is not None and npy_dir.is_dir():
+        for p in sorted(npy_dir.glob("*.json")):
+            if not p.name.endswith(".prov.json"):
+                try:
+                    sidecar = json.loads(p.read_text())
+                except (OSError, ValueError):
+                    continue
+                if isinstance(sidecar, dict) and "extractor" in sidecar:
+                    break
+                sidecar = None
+    if sidecar is None:
+        notes.append(f"feature file {path}: no extract sidecars found (work/ cleaned?): the code version that "
+                     "made the training features cannot be compared with this checkout's")
+        return
+    frames = str(sidecar.get("frames") or "")
+    decoded_by = frames.split("+", 1)[1] if "+" in frames else None
+    if decoded_by != code["decode"]:
+        mismatches.append(f"decoder code changed: the frames of the '{feature}' training features were decoded "
+                          f"by {decoded_by or 'unrecorded code'}, this checkout's decoder is {code['decode']}")
+    if sidecar.get("extractor") != extractor_digest(described, weights, code["extract"]):
+        made_by = (_extract_record(merge_record, anchor).get("code_version") or "unrecorded code")
+        mismatches.append(f"'{feature}' extractor code changed: the training features were extracted by "
+                          f"{made_by} (extract stage), this checkout's extractor code is {code['extract']}")
 
 
 def _protocol_key(protocol: dict | None) -> str | None:
@@ -337,7 +382,8 @@ def _query_recipe(name: str, entry: dict | None, anchor: Path, mismatches: list[
     weights = (record.get("weights") or {}).get("query_encoder", "unknown")
     if weights != "random":
         enc_dir = encoder.get("encoder_dir")
-        files = [Path(enc_dir) / n for n in ("model.safetensors", "pytorch_model.bin")] if enc_dir else []
+        found_dir = locate(enc_dir, anchor) if enc_dir else None
+        files = [found_dir / n for n in ("model.safetensors", "pytorch_model.bin")] if found_dir else []
         file = next((f for f in files if f.is_file()), None)
         if file is None:
             mismatches.append(f"the query encoder of sha256 {weights} ({enc_dir}) is not on this machine")
@@ -345,6 +391,7 @@ def _query_recipe(name: str, entry: dict | None, anchor: Path, mismatches: list[
         if sha256_file(file) != weights:
             mismatches.append(f"query encoder {file}: sha256 {sha256_file(file)} differs from the {weights} "
                               "that encoded the training queries")
+        encoder = {**encoder, "encoder_dir": str(found_dir)}  # loaded from here, wherever predict runs
     params = record.get("params", {})
     train_sentences: list[str] = []
     if encoder.get("encoder_dir") is None:  # a random-init encoder's vocabulary is learnt on the train split

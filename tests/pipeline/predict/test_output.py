@@ -6,6 +6,10 @@ import csv
 import io
 import json
 import re
+import subprocess
+import urllib.parse
+import urllib.request
+from pathlib import Path
 
 import pytest
 from support.videos import index_of, write_video
@@ -51,6 +55,18 @@ def test_srt_cues_in_time_order():
         render(records("a.mp4") + records("b.mp4"), "srt")
 
 
+def test_srt_records_an_overridden_mismatch_in_a_first_cue(tmp_path):
+    """SRT has no comments: the override is the first cue, which ffmpeg (the oracle) reads as one."""
+    write(records(mismatch=["weights differ", "decoder code changed:\n  old"]), tmp_path / "o.srt")
+    vtt = subprocess.run(["ffmpeg", "-v", "error", "-i", str(tmp_path / "o.srt"), "-f", "webvtt", "-"],
+                         capture_output=True, text=True, check=True).stdout
+    cues = [c for c in vtt.split("\n\n") if "-->" in c]
+    assert len(cues) == 3
+    assert cues[0].splitlines() == ["00:00.000 --> 00:05.000", "vmr predict: recipe mismatch, overridden:",
+                                    "weights differ", "decoder code changed: old"]
+    assert "(#2, 0.400)" in cues[1] and "(#1, 0.900)" in cues[2]
+
+
 def test_unknown_suffix_is_refused():
     assert output_format("x.JSONL") == "jsonl"
     with pytest.raises(OutputError, match=r"unknown format '\.txt'"):
@@ -68,6 +84,21 @@ def test_html_is_self_contained(tmp_path):
     assert "onclick='seek(\"v0\",1.000)'" in page  # a click seeks to the moment's start
     assert "the weights differ" in page
     assert "a person, opens &quot;the&quot; door" in page  # escaped
+
+
+def test_a_large_video_is_linked_by_an_encoded_url(tmp_path, monkeypatch):
+    from pipeline.predict import output
+
+    monkeypatch.setattr(output, "EMBED_VIDEO_MAX_BYTES", 0)
+    video = tmp_path / "clips" / "take #1? 50% off.mp4"
+    video.parent.mkdir()
+    write_video(tmp_path / "v.mp4", frames=30, fps=30, width=64, height=48).rename(video)
+    page = tmp_path / "pages" / "page.html"
+    src = re.search(r"<video[^>]* src='([^']*)'", render_html(records(str(video)), thumbnail, page)).group(1)
+    assert not set("#? ") & set(src)
+    # resolved as a browser does: against the page's URL, then back to a file path
+    url = urllib.parse.urljoin(page.as_uri(), src)
+    assert Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path)) == video
 
 
 def test_thumbnail_is_a_jpeg_of_the_requested_width(tmp_path):

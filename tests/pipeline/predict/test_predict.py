@@ -205,3 +205,35 @@ def test_search_ranks_videos_as_evaluate_scored_them(project, tmp_path):
     np.testing.assert_allclose([got[v] for v in video_vids], [want[v] for v in video_vids], atol=1e-4)
     # a grounding model cannot search, and glscl cannot ground
     assert invoke(project, "search", "--model", "mmn", str(folder), "--query", "x").exit_code == 2
+
+
+def test_a_killed_run_leaves_frames_that_the_next_run_removes(project, tmp_path):
+    """A predict killed between decode and extraction leaves its work folder of decoded frames in the
+    cache; the next `vmr predict` removes it (its process is dead) and predicts."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    q = split_queries(project)[0]
+    video, cache = video_of(project, q.video_id), tmp_path / "cache"
+    script = (
+        "import os, signal, sys\n"
+        "from pipeline.predict import Predictor, features\n"
+        "decode = features.decode_all\n"
+        "def decode_then_die(*a, **k):\n"
+        "    decode(*a, **k)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "features.decode_all = decode_then_die\n"
+        "Predictor.from_checkpoint(sys.argv[1], cache_dir=sys.argv[2]).predict(sys.argv[3], ['x'])\n")
+    killed = subprocess.run([sys.executable, "-c", script, str(project / "runs" / "mmn" / "best.pt"), str(cache),
+                             str(video)], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    (left,) = cache.glob("*/.tmp-work-*")
+    assert any(p.is_file() for p in (left / "frames").rglob("*"))  # decoded frames
+    live = left.parent / f".tmp-work-{socket.gethostname()}.{os.getpid()}.inflight"  # a live run's: kept
+    live.mkdir()
+    result = invoke(project, "predict", "--model", "mmn", str(video), "--query", q.sentence,
+                    "--out", str(tmp_path / "p.json"), "--cache-dir", str(cache))
+    assert result.exit_code == 0, result.output
+    assert list(cache.glob("*/.tmp-work-*")) == [live]

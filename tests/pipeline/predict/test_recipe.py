@@ -195,3 +195,73 @@ def pca_params(root: Path):
         "merge": {"out_dir": str(root / "features")},
         "model": {"mrnet": {"feature": "c3d_pca4", "video_pca": {"source": "c3d", "components": 4}}},
     })
+
+
+def with_sidecar(record: dict, npy_dir: Path, *, decode_code: str, extract_code: str) -> dict:
+    """`record` (a merge record) naming `npy_dir`, holding one extract sidecar written by that code
+    (the fields extract's resume compares: see pipeline/media/extract.py)."""
+    from pipeline.media.extract import extractor_digest
+
+    npy_dir.mkdir(parents=True)
+    (npy_dir / "v1.json").write_text(json.dumps({
+        "frames": f"{'0' * 64}+{decode_code}",
+        "extractor": extractor_digest(record["extractor"], record["weights"]["clip"], extract_code), "units": 4}))
+    write_record(npy_dir, {"stage": "extract-clip", "code_version": "vmr-0.0.0+code.0ldextract00"})
+    return record | {"inputs": {"features": {"path": str(npy_dir), "sha256": "0" * 64}}}
+
+
+def test_training_features_of_other_code_are_a_mismatch_and_the_code_keys_the_cache(tmp_path, monkeypatch):
+    from pipeline.media.decode import decoder_code
+    from pipeline.media.extract import extractor_code
+    from pipeline.predict import recipe as recipe_module
+
+    decode_now, extract_now = decoder_code(), extractor_code(EXTRACTORS.get("clip"))
+    same = crafted(tmp_path / "same", feature_record=with_sidecar(
+        merge_record("random"), tmp_path / "same" / "npy", decode_code=decode_now, extract_code=extract_now))
+    recipe = read_recipe(same)
+    assert recipe.mismatches == [] and recipe.features[0].code == {"decode": decode_now, "extract": extract_now}
+
+    old = crafted(tmp_path / "old", feature_record=with_sidecar(
+        merge_record("random"), tmp_path / "old" / "npy", decode_code="vmr-0.0.0+code.0lddecode000",
+        extract_code="vmr-0.0.0+code.0ldextract00"))
+    decode_msg, extract_msg = read_recipe(old).mismatches
+    assert "decoder code changed" in decode_msg and "vmr-0.0.0+code.0lddecode000" in decode_msg
+    assert decode_now in decode_msg
+    assert "'clip' extractor code changed" in extract_msg and "vmr-0.0.0+code.0ldextract00" in extract_msg
+    assert extract_now in extract_msg
+    with pytest.raises(RecipeMismatch, match="decoder code changed"):
+        Predictor.from_checkpoint(old, cache_dir=tmp_path / "cache")
+    result, out = run_predict(tmp_path, "--checkpoint", str(old), "--model", "mmn", "--query", "x")
+    assert result.exit_code == 2 and "extractor code changed" in result.output and not out.exists()
+    p = Predictor.from_checkpoint(old, allow_recipe_mismatch=True, cache_dir=tmp_path / "cache")
+    assert any("decoder code changed" in m for m in p._identity()["recipe_mismatch"])
+
+    # cached features of other code are never reused: the code is part of the cache key
+    monkeypatch.setattr(recipe_module, "decoder_code", lambda: "vmr-0.0.0+code.edited00000")
+    assert read_recipe(same).digest != recipe.digest
+
+
+def test_relative_weights_are_found_from_another_directory(tmp_path, monkeypatch):
+    """Weights configured relative to the project (an OpenAI CLIP state dict, as `clip.load(jit=False)`
+    saves it) are found and loaded when predicting from elsewhere."""
+    import torch
+
+    from extractors.clip import ClipExtractor
+    from pipeline.predict.features import FeatureCache
+
+    project = tmp_path / "project"
+    weights = project / "weights" / "ViT-B-32.pt"
+    weights.parent.mkdir(parents=True)
+    reference = ClipExtractor(ClipExtractor.Config(seed=123)).build_model().state_dict()
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in reference.items()}, weights)
+    digest = sha256_file(weights)
+    best = crafted(project, feature_record=merge_record(digest, {"weights": "weights/ViT-B-32.pt"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    recipe = read_recipe(best)
+    assert recipe.mismatches == [], recipe.mismatches
+    (feature,) = recipe.features
+    assert feature.weights_file == weights and feature.config["weights"] == "weights/ViT-B-32.pt"
+    _, _, loaded = FeatureCache(recipe, tmp_path / "cache", torch.device("cpu"))._extractor(feature)
+    assert loaded == digest  # the extractor loaded the file itself, not random init
