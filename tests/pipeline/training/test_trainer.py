@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -150,6 +151,41 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     h1 = load_torch(checkpoints(one / "checkpoints")[-1][1])["history"]
     h2 = load_torch(checkpoints(two / "checkpoints")[-1][1])["history"]
     assert len(h2[-1]) == len(h1[-1])
+    for e1, e2 in zip(h1, h2, strict=True):
+        assert e1["train/loss"] == pytest.approx(e2["train/loss"], rel=1e-6)
+    a, b = _weights(one), _weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # two torchrun launchers plus 1 reference process
+def test_two_node_torchrun_rendezvous_matches_one_process(tmp_path):
+    """The multi-node launch of docs/training.md, with both "nodes" on this machine: two torchrun
+    launchers (`--nnodes 2 --node-rank i`, one process each) meet at a c10d rendezvous and train
+    as one job; losses and weights equal one process's, as for the single-node run above."""
+    cfg = json.dumps({"epochs": 2, "dropout": 0.0})
+    data = tmp_path / "data"
+    toy_context(data, tmp_path / "unused")
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, str(WORKER), str(data), str(one), cfg], env=_env(), check=True,
+                   capture_output=True)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
+                               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                               "--rdzv-id=vmr-test", str(WORKER), str(data), str(two), cfg],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    h1 = load_torch(checkpoints(one / "checkpoints")[-1][1])["history"]
+    h2 = load_torch(checkpoints(two / "checkpoints")[-1][1])["history"]
     for e1, e2 in zip(h1, h2, strict=True):
         assert e1["train/loss"] == pytest.approx(e2["train/loss"], rel=1e-6)
     a, b = _weights(one), _weights(two)
