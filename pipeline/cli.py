@@ -378,6 +378,22 @@ def _videos(paths: list[Path]) -> list[Path]:
     return out
 
 
+def _checkpoint_of(params: Params, model: str, checkpoint: Path | None) -> Path:
+    """--checkpoint, or the model's kept weights under `trainer.out_dir`, for a known model name."""
+    if model not in MODELS:
+        _fail(f"--model {model}: unknown model; expected one of {MODELS.names()}")
+    return checkpoint or Path(params.trainer.out_dir) / model / "best.pt"
+
+
+def _open_predictor(params: Params, model: str, checkpoint: Path, allow_recipe_mismatch: bool,
+                    cache_dir: Path | None, device: str):
+    """The Predictor `vmr predict`, `vmr search` and `vmr serve` share (same recipe checks and cache)."""
+    from pipeline.predict import Predictor
+
+    return Predictor.from_checkpoint(checkpoint, allow_recipe_mismatch=allow_recipe_mismatch, cache_dir=cache_dir,
+                                     device=device, model=model, fallback=_fallback_recipes(params, model))
+
+
 def _fallback_recipes(params: Params, model: str) -> dict:
     """The extractor settings of params for the model's feature files, used only when the
     checkpoint's recipe cannot be read and --allow-recipe-mismatch is given."""
@@ -439,23 +455,19 @@ def predict(
     Writes: --out (ranked moments per query: start, end, score; the video, the query, the
     checkpoint sha256) and --html; features under --cache-dir.
     """
-    from pipeline.predict import Predictor
     from pipeline.predict.output import output_format, render, render_html
     from pipeline.predict.predictor import check_queries
     from pipeline.predict.queries import AskedQuery, assign, read_query_file
 
     p = _params(params, set_, profile)
-    if model not in MODELS:
-        _fail(f"--model {model}: unknown model; expected one of {MODELS.names()}")
+    checkpoint = _checkpoint_of(p, model, checkpoint)
     if (query is None) == (queries is None):
         _fail("give the queries with --query TEXT (repeatable) or --queries FILE, not both")
     fmt = output_format(out) if out else "json"  # a bad suffix fails before any work
     asked = read_query_file(queries) if queries else [AskedQuery(q) for q in query]
     check_queries([q.text for q in asked])
     jobs = assign(asked, _videos(videos))
-    predictor = Predictor.from_checkpoint(
-        checkpoint or Path(p.trainer.out_dir) / model / "best.pt", allow_recipe_mismatch=allow_recipe_mismatch,
-        cache_dir=cache_dir, device=device, model=model, fallback=_fallback_recipes(p, model))
+    predictor = _open_predictor(p, model, checkpoint, allow_recipe_mismatch, cache_dir, device)
     if predictor.task != "grounding":
         _fail(f"--model {model} ranks videos for a query: use `vmr search`")
     results = predictor.predict_many([(video, [q.text for q in qs]) for video, qs in jobs], top_k)
@@ -493,21 +505,17 @@ def search(
     Features are made and cached as for `vmr predict`. Reads: the videos, the checkpoint and its
     provenance chain (and its training feature file). Writes: --out (videos, best first, with scores).
     """
-    from pipeline.predict import Predictor
     from pipeline.predict.output import output_format, render
     from pipeline.predict.predictor import check_queries
 
     p = _params(params, set_, profile)
-    if model not in MODELS:
-        _fail(f"--model {model}: unknown model; expected one of {MODELS.names()}")
+    checkpoint = _checkpoint_of(p, model, checkpoint)
     fmt = output_format(out) if out else "json"
     if fmt == "srt":
         _fail("--out: search results have no times; use .json, .jsonl or .csv")
     check_queries([query])
     found = _videos(videos)
-    predictor = Predictor.from_checkpoint(
-        checkpoint or Path(p.trainer.out_dir) / model / "best.pt", allow_recipe_mismatch=allow_recipe_mismatch,
-        cache_dir=cache_dir, device=device, model=model, fallback=_fallback_recipes(p, model))
+    predictor = _open_predictor(p, model, checkpoint, allow_recipe_mismatch, cache_dir, device)
     records = predictor.search(found, query, top_k)
     if out:
         _write_outputs({out: render(records, fmt)})
@@ -620,13 +628,10 @@ def serve(
 
     import uvicorn
 
-    from pipeline.predict import Predictor
     from pipeline.serve import check_upload_dir, create_app
 
     p = _params(params, set_, profile)
-    if model not in MODELS:
-        _fail(f"--model {model}: unknown model; expected one of {MODELS.names()}")
-    checkpoint = checkpoint or Path(p.trainer.out_dir) / model / "best.pt"
+    checkpoint = _checkpoint_of(p, model, checkpoint)
     if not checkpoint.is_file():
         _fail(f"--checkpoint {checkpoint}: file not found (train first: vmr train --model {model})")
     if video_dir is not None and not video_dir.is_dir():
@@ -643,9 +648,7 @@ def serve(
         sock.close()
         _fail(f"cannot listen on {host}:{port}: {e.strerror or e} (pick another --port)")
     with sock:
-        predictor = Predictor.from_checkpoint(checkpoint, allow_recipe_mismatch=allow_recipe_mismatch,
-                                              cache_dir=cache_dir, device=device, model=model,
-                                              fallback=_fallback_recipes(p, model))
+        predictor = _open_predictor(p, model, checkpoint, allow_recipe_mismatch, cache_dir, device)
         web = create_app(predictor, video_dir=video_dir, upload_dir=upload_dir, checkpoint=str(checkpoint),
                          host=host, allow_hosts=tuple(allow_host or ()), max_upload_mb=max_upload_mb)
         if host not in ("127.0.0.1", "localhost", "::1"):

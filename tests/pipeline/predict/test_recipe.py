@@ -8,6 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from support.pca import make_params
 from support.videos import write_video
 from typer.testing import CliRunner
 
@@ -155,7 +156,7 @@ def test_a_pca_recipe_reproduces_the_feature_pca_stage(tmp_path, monkeypatch):
     from stages import feature_pca as stage
 
     monkeypatch.chdir(tmp_path)
-    params = pca_params(tmp_path)
+    params = make_params(tmp_path)
     with h5py.File(tmp_path / "features" / "c3d.h5", "a") as h5:  # as if merged here from extracted C3D
         described = EXTRACTORS.get("c3d")().describe()
         h5.attrs["provenance"] = json.dumps({"stage": "merge-c3d", "params": {}, "inputs": {},
@@ -175,26 +176,6 @@ def test_a_pca_recipe_reproduces_the_feature_pca_stage(tmp_path, monkeypatch):
     mean, components = FeatureCache(recipe, tmp_path / "cache", torch.device("cpu"))._pca_basis(feature)
     ours = apply_pca(FeatureFile(tmp_path / "features" / "c3d.h5")["C"], mean, components)
     np.testing.assert_allclose(ours, FeatureFile(reduced)["C"], atol=1e-5)
-
-
-def pca_params(root: Path):
-    """Three videos of 12-d features; A and B train (the PCA's fit set), C test."""
-    from pipeline.core.params import Params
-
-    rng = np.random.default_rng(0)
-    (root / "features").mkdir(exist_ok=True)
-    with h5py.File(root / "features" / "c3d.h5", "w") as f:
-        for vid in ("A", "B", "C"):
-            f.create_dataset(vid, data=rng.standard_normal((8, 12)).astype(np.float32) + (vid == "C") * 3)
-    (root / "train.txt").write_text("A 0.0 2.0##x\nB 1.0 3.0##y\n")
-    (root / "test.txt").write_text("C 0.0 2.0##z\n")
-    (root / "len.csv").write_text("id,length\nA,8\nB,8\nC,8\n")
-    return Params.model_validate({
-        "dataset": {"name": "toy", "splits": {"train": str(root / "train.txt"), "test": str(root / "test.txt")},
-                    "durations": [str(root / "len.csv")], "video_captions": None},
-        "merge": {"out_dir": str(root / "features")},
-        "model": {"mrnet": {"feature": "c3d_pca4", "video_pca": {"source": "c3d", "components": 4}}},
-    })
 
 
 def with_sidecar(record: dict, npy_dir: Path, *, decode_code: str, extract_code: str) -> dict:

@@ -138,16 +138,27 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     """Same global batch on 2 CPU processes (gloo) as on 1: losses within 1e-6 relative and weights
     within 1e-6 absolute (only float summation order differs). Dropout is off: each rank draws its
     own masks, which no process count can reproduce."""
-    cfg = json.dumps({"epochs": 3, "dropout": 0.0})
-    data = tmp_path / "data"
-    toy_context(data, tmp_path / "unused")
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, str(WORKER), str(data), str(one), cfg], env=_env(), check=True,
-                   capture_output=True)
+    cfg, data, one = _one_process_reference(tmp_path, epochs=3)
+    two = tmp_path / "two"
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(WORKER), str(data), str(two), cfg],
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    _assert_same_training(one, two)
+
+
+def _one_process_reference(tmp_path: Path, epochs: int) -> tuple[str, Path, Path]:
+    """(worker config, toy data, run dir) of the toy model trained by one process, dropout off."""
+    cfg = json.dumps({"epochs": epochs, "dropout": 0.0})
+    data, one = tmp_path / "data", tmp_path / "one"
+    toy_context(data, tmp_path / "unused")
+    subprocess.run([sys.executable, str(WORKER), str(data), str(one), cfg], env=_env(), check=True,
+                   capture_output=True)
+    return cfg, data, one
+
+
+def _assert_same_training(one: Path, two: Path) -> None:
+    """Equal epochs and losses (1e-6 relative) and final weights (1e-6 absolute)."""
     h1 = load_torch(checkpoints(one / "checkpoints")[-1][1])["history"]
     h2 = load_torch(checkpoints(two / "checkpoints")[-1][1])["history"]
     assert len(h2[-1]) == len(h1[-1])
@@ -169,12 +180,8 @@ def test_two_node_torchrun_rendezvous_matches_one_process(tmp_path):
     """The multi-node launch of docs/training.md, with both "nodes" on this machine: two torchrun
     launchers (`--nnodes 2 --node-rank i`, one process each) meet at a c10d rendezvous and train
     as one job; losses and weights equal one process's, as for the single-node run above."""
-    cfg = json.dumps({"epochs": 2, "dropout": 0.0})
-    data = tmp_path / "data"
-    toy_context(data, tmp_path / "unused")
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, str(WORKER), str(data), str(one), cfg], env=_env(), check=True,
-                   capture_output=True)
+    cfg, data, one = _one_process_reference(tmp_path, epochs=2)
+    two = tmp_path / "two"
     endpoint = f"127.0.0.1:{_free_port()}"
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
                                "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
@@ -184,13 +191,7 @@ def test_two_node_torchrun_rendezvous_matches_one_process(tmp_path):
     for node in nodes:
         _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err[-3000:]
-    h1 = load_torch(checkpoints(one / "checkpoints")[-1][1])["history"]
-    h2 = load_torch(checkpoints(two / "checkpoints")[-1][1])["history"]
-    for e1, e2 in zip(h1, h2, strict=True):
-        assert e1["train/loss"] == pytest.approx(e2["train/loss"], rel=1e-6)
-    a, b = _weights(one), _weights(two)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    _assert_same_training(one, two)
 
 
 def test_random_baseline_windows_lie_inside_the_video(tmp_path):
