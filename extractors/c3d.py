@@ -185,6 +185,7 @@ class C3DExtractor(Extractor):
         super().__init__(config)
         if self.config.pca:
             self.dim = self.config.pca_dim
+        self._mean_volumes: dict[torch.device, torch.Tensor] = {}  # `mean_file`, read once per device
 
     def protocol(self) -> SamplingProtocol:
         # Every native frame, short side 128: `group` finishes the 128x171 resize and 112 crop
@@ -227,11 +228,10 @@ class C3DExtractor(Extractor):
 
     def mean_volume(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """`mean_file` as (16, 112, 112, 3) float32 in `channel_order`, cropped as the frames are."""
-        cache = self.__dict__.setdefault("_mean_volume", {})
         device = torch.device(device)
-        if device not in cache:
-            cache[device] = self._load_mean_volume().to(device)
-        return cache[device]
+        if device not in self._mean_volumes:
+            self._mean_volumes[device] = self._load_mean_volume().to(device)
+        return self._mean_volumes[device]
 
     def _load_mean_volume(self) -> torch.Tensor:
         path = self.config.mean_file

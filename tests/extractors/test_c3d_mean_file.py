@@ -170,5 +170,8 @@ def test_vmr_extract_refuses_a_wrong_digest_or_a_damaged_mean_file(workspace, mo
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(error) == 1, result.output
     assert str(damaged) in error[0] and "not a Caffe BlobProto" in error[0]
-    for npy in ("npy_digest", "npy_damaged"):  # nothing written for either
+    result = extract(workspace, "npy_missing", f"extractors.c3d.mean_file={workspace / 'absent.binaryproto'}")
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(error) == 1 and "absent.binaryproto" in error[0], result.output
+    for npy in ("npy_digest", "npy_damaged", "npy_missing"):  # nothing written for any
         assert not list((workspace / npy).rglob("*.npy"))
