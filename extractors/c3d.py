@@ -223,7 +223,7 @@ class C3DExtractor(Extractor):
         if f % 16:
             raise ValueError(f"C3D snippets must be a multiple of 16 frames, got {f}")
         # frame f of every 16-frame unit minus mean frame f (float32, as Caffe computes it)
-        x = x.view(b, f // 16, 16, *x.shape[2:]) - self.mean_volume(x.device)
+        x = x.reshape(b, f // 16, 16, *x.shape[2:]) - self.mean_volume(x.device)
         return x.view(b, f, *x.shape[3:]).permute(0, 4, 1, 2, 3)
 
     def mean_volume(self, device: torch.device | str = "cpu") -> torch.Tensor:
