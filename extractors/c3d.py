@@ -4,9 +4,12 @@ Network: 8 convolutions (3x3x3, pad 1) and 5 pools, fc6/fc7 4096-d, fc8 487 Spor
 input 3 x 16 x 112 x 112. `c3d.pickle` is a plain state dict (`conv1.weight` ... `fc8.bias`) and
 loads strictly. Features are post-ReLU (Caffe's fc6-1/fc7-1 blobs were post-ReLU: in-place ReLU).
 
-Preprocessing (documented choice, recorded in provenance): frames resized to 128x171 (HxW),
-centre crop 112, channels in BGR order (Caffe), per-channel mean [90, 98, 102] (BGR) subtracted
-from 0..255 values: the convention of the common PyTorch ports of the Caffe model.
+Preprocessing (recorded in provenance): frames resized to 128x171 (HxW), centre crop 112 at
+(8, 29), channels in BGR order (Caffe), minus a mean on the 0..255 scale. By default the mean is
+per channel, [90, 98, 102] (BGR): the rounded convention of the common PyTorch ports. With
+`mean_file` (Caffe's `sport1m_train16_128_mean.binaryproto`) it is Caffe's per-pixel mean volume
+3 x 16 x 128 x 171: frame f of each 16-frame unit minus mean frame f, cropped where the frames are
+(Caffe's TEST-phase centre crop), scale 1; only this gives the Caffe model's exact input.
 
 Protocols:
 - `clips16`: 16-frame snippets every 8 frames (the ActivityNet challenge protocol; also ViGA's TACoS
@@ -40,9 +43,11 @@ from extractors._base import (
 )
 from extractors._snippets import c3d_plan, c3d_resize_crop, make_units
 from pipeline.core.provenance import sha256_file, weights_record
+from pipeline.nets.caffe_blob import BlobProtoError, read_blob_proto
 
 C3D_FEATURE_DIM = 4096
 C3D_MEAN_BGR = (90.0, 98.0, 102.0)
+C3D_MEAN_VOLUME_SHAPE = (1, 3, 16, 128, 171)  # sport1m_train16_128_mean: (num, BGR, frames, H, W)
 
 
 class C3D(nn.Module):
@@ -168,6 +173,9 @@ class C3DExtractor(Extractor):
         layer: Literal["fc6", "fc7"] = "fc6"  # TALL/TACoS: fc6; ActivityNet: fc7 (+ PCA 500)
         channel_order: Literal["bgr", "rgb"] = "bgr"  # Caffe C3D was trained on BGR
         mean: tuple[float, float, float] = C3D_MEAN_BGR  # per channel, in `channel_order`, 0..255 scale
+        # Caffe's per-pixel mean volume (sport1m_train16_128_mean.binaryproto); replaces `mean` when set
+        mean_file: str | None = None
+        mean_file_sha256: str | None = None
         pca: str | None = None  # ActivityNet PCA_activitynet_v1-3.hdf5 (U, S, x_mean)
         pca_sha256: str | None = None
         pca_dim: int = Field(500, ge=1)
@@ -177,6 +185,7 @@ class C3DExtractor(Extractor):
         super().__init__(config)
         if self.config.pca:
             self.dim = self.config.pca_dim
+        self._mean_volumes: dict[torch.device, torch.Tensor] = {}  # `mean_file`, read once per device
 
     def protocol(self) -> SamplingProtocol:
         # Every native frame, short side 128: `group` finishes the 128x171 resize and 112 crop
@@ -208,8 +217,35 @@ class C3DExtractor(Extractor):
         x = units.float()
         if self.config.channel_order == "bgr":
             x = x.flip(-1)
-        x = x - torch.tensor(self.config.mean, device=x.device)
-        return x.permute(0, 4, 1, 2, 3)
+        if not self.config.mean_file:
+            return (x - torch.tensor(self.config.mean, device=x.device)).permute(0, 4, 1, 2, 3)
+        b, f = x.shape[:2]
+        if f % 16:
+            raise ValueError(f"C3D snippets must be a multiple of 16 frames, got {f}")
+        # frame f of every 16-frame unit minus mean frame f (float32, as Caffe computes it)
+        x = x.reshape(b, f // 16, 16, *x.shape[2:]) - self.mean_volume(x.device)
+        return x.view(b, f, *x.shape[3:]).permute(0, 4, 1, 2, 3)
+
+    def mean_volume(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """`mean_file` as (16, 112, 112, 3) float32 in `channel_order`, cropped as the frames are."""
+        device = torch.device(device)
+        if device not in self._mean_volumes:
+            self._mean_volumes[device] = self._load_mean_volume().to(device)
+        return self._mean_volumes[device]
+
+    def _load_mean_volume(self) -> torch.Tensor:
+        path = self.config.mean_file
+        volume = read_blob_proto(path)
+        if volume.shape != C3D_MEAN_VOLUME_SHAPE:
+            raise BlobProtoError(
+                f"{path}: C3D mean volume must be (num, channels, length, height, width) = "
+                f"{C3D_MEAN_VOLUME_SHAPE} (Caffe's sport1m_train16_128_mean), got {volume.shape}"
+            )
+        frames = torch.from_numpy(volume[0]).permute(1, 2, 3, 0)  # (16, 128, 171, 3), BGR as stored
+        if self.config.channel_order == "rgb":
+            frames = frames.flip(-1)
+        # the same crop as the frames (no resize: already 128x171), i.e. Caffe's TEST-phase offsets
+        return c3d_resize_crop(frames).contiguous()
 
     def embed(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
@@ -219,5 +255,9 @@ class C3DExtractor(Extractor):
         if self.config.pca:
 
             out["pca_sha256"] = sha256_file(self.config.pca)
+        if self.config.mean_file:
+            # checked like weights, and read now: a bad file fails before any video is extracted
+            out["mean_file_sha256"] = weights_record(self.config.mean_file, self.config.mean_file_sha256)
+            self.mean_volume()
         out["plan"] = self.plan(10_000).info
         return out
