@@ -2,7 +2,7 @@
 plan (`decode.store_frames: none`) against the frame store (`all`).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_stream.py [--out stream.json]
-        [--parts disk,rss,throughput] [--seconds 10] [--short 10 --long 120] [--repeats 2]
+        [--parts disk,rss,throughput] [--seconds 10] [--short 10 --long 240] [--repeats 2] [--backend pyav]
 
 Videos are generated here: 320 x 240 H.264 (x264 defaults: B-frames) at 30 fps, a moving gradient.
 
@@ -11,7 +11,9 @@ Videos are generated here: 320 x 240 H.264 (x264 defaults: B-frames) at 30 fps, 
 2. rss: peak RSS of an extract process (`ru_maxrss`) for SlowFast's protocol (30 fps, 224 x 224, 2 s
    snippets of 32 frames) on a short and a long video, replayed and from the store. The model is a
    stand-in (mean colour -> linear) so that the data path is what is measured: decode workers, queue,
-   back-window, grouping, batches of 8 units. Also the peak of the decoder worker process.
+   back-window, grouping, batches of 8 units. Also the peak of the largest decoder worker process
+   (with `--backend decord` it grows with the video: decord 0.6's own buffers, ~0.5 MB per frame up
+   to ~1.2 GB here; the worker ends with its video).
 3. throughput: end-to-end `extract_videos` (replayed frames) against the model alone on the same units
    already in memory (same batch size), for CLIP ViT-B/32 and SlowFast R50 (random init, CPU, one
    torch thread); the goal is >= 0.8. CLIP from the store too.
@@ -71,7 +73,7 @@ def folder_bytes(root: Path, pattern: str = "*") -> int:
 # -- 1. disk -------------------------------------------------------------------------------------------
 
 
-def bench_disk(work: Path, seconds: float) -> dict:
+def bench_disk(work: Path, seconds: float, backend: str) -> dict:
     from pipeline.media.decode import decode_all, list_videos
 
     vdir = work / "disk_videos"
@@ -87,7 +89,8 @@ def bench_disk(work: Path, seconds: float) -> dict:
         for policy in ("all", "none"):
             store = work / f"store-{name}-{policy}"
             t0 = time.perf_counter()
-            summary = decode_all(videos, store, [proto], workers=1, timeout_s=600, store_frames=policy)
+            summary = decode_all(videos, store, [proto], workers=1, timeout_s=600, store_frames=policy,
+                                 backend=backend)
             row[f"decode_s_{policy}"] = round(time.perf_counter() - t0, 2)
             assert not summary.failed, summary.failed
             row[f"bytes_per_video_s_{policy}"] = round(folder_bytes(store) / total)
@@ -120,7 +123,51 @@ def standin(name: str):
     return StandIn(StandIn.Config(device="cpu"))
 
 
-def rss_child(video: str, mode: str, work: str) -> None:
+class DescendantPeak:
+    """Peak RSS (VmHWM) of every descendant process of this one (decoder workers are children of the
+    fork server, itself our child), sampled from /proc every 0.1 s in a thread (Linux)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak_kib, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _descendants(root: int) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        out, todo = [], [root]
+        while todo:
+            kids = children.get(todo.pop(), [])
+            out += kids
+            todo += kids
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            for pid in self._descendants(os.getpid()):
+                try:
+                    text = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                for line in text.splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return round(self.peak_kib / 1024, 1)
+
+
+def rss_child(video: str, mode: str, work: str, backend: str) -> None:
     """One extract process (prints JSON): decode one video (frames stored or not), then extract it."""
     import torch
 
@@ -132,34 +179,33 @@ def rss_child(video: str, mode: str, work: str) -> None:
     torch.set_num_threads(1)
     ex = standin("slowfast")
     vdir = Path(video).parent
-    decode_all(list_videos(vdir), Path(work) / "frames", [ex.protocol()], workers=1, timeout_s=600,
+    decode_all(list_videos(vdir), Path(work) / "frames", [ex.protocol()], workers=1, timeout_s=600, backend=backend,
                store_frames="all" if mode == "store" else "none")
     store = FrameStore(Path(work) / "frames")
     source = store if mode == "store" else ReplaySource(store, vdir, timeout_s=600)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ids = store.video_ids()
+    workers = DescendantPeak()
     summary = extract_videos(ex, ex.build_model().eval(), torch.device("cpu"), source, ids, Path(work) / "npy", "random")
     assert summary.computed == len(ids) and not summary.failed
-    import multiprocessing.forkserver
-
-    multiprocessing.forkserver._forkserver._stop()  # reap the decoder workers' server: their peak below
     print(json.dumps({
         "rss_before_extract_mib": round(base / 1024, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_worker_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "peak_worker_rss_mib": workers.stop(),  # the largest decoder worker (and fork server)
         "frames_on_disk_mib": round(folder_bytes(Path(work) / "frames", "*.npy") / 2**20, 1),
     }))
 
 
-def bench_rss(work: Path, short: float, long: float) -> dict:
-    out = {"feature": "slowfast protocol (30 fps, 224 x 224, 2 s snippets), stand-in model, batch 8"}
+def bench_rss(work: Path, short: float, long: float, backend: str) -> dict:
+    out = {"feature": "slowfast protocol (30 fps, 224 x 224, 2 s snippets), stand-in model, batch 8",
+           "backend": backend}
     for label, seconds in (("short", short), ("long", long)):
         vdir = work / f"rss_{label}"
         vdir.mkdir()
         video = make_video(vdir / "v.mp4", seconds)
         for mode in ("replay", "store"):
             run = work / f"rss_{label}_{mode}"
-            res = subprocess.run([sys.executable, __file__, "--rss-child", str(video), mode, str(run)],
+            res = subprocess.run([sys.executable, __file__, "--rss-child", str(video), mode, str(run), backend],
                                  capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
             if res.returncode:
                 raise RuntimeError(res.stderr[-2000:])
@@ -171,7 +217,7 @@ def bench_rss(work: Path, short: float, long: float) -> dict:
 # -- 3. throughput -------------------------------------------------------------------------------------
 
 
-def bench_throughput(work: Path, seconds: float, repeats: int, slowfast_seconds: float) -> dict:
+def bench_throughput(work: Path, seconds: float, repeats: int, slowfast_seconds: float, backend: str) -> dict:
     import torch
 
     from pipeline.media.decode import decode_all, list_videos
@@ -192,7 +238,8 @@ def bench_throughput(work: Path, seconds: float, repeats: int, slowfast_seconds:
         row = {"videos": f"2 x {secs:g} s", "batch_size": ex.config.batch_size}
         for policy in stores:
             store = FrameStore(work / f"tp_{name}_{policy}")
-            decode_all(list_videos(vdir), store.root, [ex.protocol()], workers=1, timeout_s=600, store_frames=policy)
+            decode_all(list_videos(vdir), store.root, [ex.protocol()], workers=1, timeout_s=600, store_frames=policy,
+                       backend=backend)
             source = store if policy == "all" else ReplaySource(store, vdir, timeout_s=600)
             ids = store.video_ids()
             units = np.concatenate([_as_array(_materialize(video_units(source, ex, v)[0][:])) for v in ids])
@@ -225,11 +272,12 @@ def main() -> None:
     ap.add_argument("--parts", default="disk,rss,throughput")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of the disk / CLIP videos")
     ap.add_argument("--short", type=float, default=10.0)
-    ap.add_argument("--long", type=float, default=120.0)
+    ap.add_argument("--long", type=float, default=240.0)
     ap.add_argument("--slowfast-seconds", type=float, default=8.0)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--backend", default="pyav", choices=["pyav", "decord"], help="decode.backend")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--rss-child", nargs=3, metavar=("VIDEO", "MODE", "WORK"), help=argparse.SUPPRESS)
+    ap.add_argument("--rss-child", nargs=4, metavar=("VIDEO", "MODE", "WORK", "BACKEND"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
         rss_child(*args.rss_child)
@@ -241,13 +289,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_stream_") as tmp:
         work = Path(tmp)
         if "disk" in parts:
-            result["disk"] = bench_disk(work, args.seconds)
+            result["disk"] = bench_disk(work, args.seconds, args.backend)
             print(json.dumps(result["disk"], indent=1), flush=True)
         if "rss" in parts:
-            result["rss"] = bench_rss(work, args.short, args.long)
+            result["rss"] = bench_rss(work, args.short, args.long, args.backend)
             print(json.dumps(result["rss"], indent=1), flush=True)
         if "throughput" in parts:
-            result["throughput"] = bench_throughput(work, args.seconds, args.repeats, args.slowfast_seconds)
+            result["throughput"] = bench_throughput(work, args.seconds, args.repeats, args.slowfast_seconds, args.backend)
             print(json.dumps(result["throughput"], indent=1), flush=True)
     result["machine"]["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
     if args.out:

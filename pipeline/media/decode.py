@@ -244,6 +244,9 @@ class DecordReader:
             except Exception as e:
                 raise DecodeError(f"decord failed on frames {chunk[0]}..{chunk[-1]}: {first_line(e)}") from None
             yield from zip(chunk, batch, strict=True)
+        self.close()
+
+    def close(self) -> None:
         self.vr.seek(0)  # stops decord's background decoding (dmlc/decord#157)
 
 
@@ -484,19 +487,20 @@ def decode_video(task: DecodeTask, source_sha256: str | None = None) -> dict[str
     """Decode one video for every protocol; returns its record (status ok). Raises DecodeError."""
 
     path = Path(task.path)
+    keep = task.stored is None or bool(task.stored)  # the packets serve only to decode frames here
     if task.backend == "pyav":  # one open: facts, timestamps and frames
-        reader = PyAVReader(path)
+        reader = PyAVReader(path, keep_packets=keep)
         return _decode_with(task, reader, reader.info, source_sha256)
     info = probe(path)
     if info["codec"] in UNSUPPORTED_CODECS:
         raise DecodeError(f"unsupported codec '{info['codec']}': {UNSUPPORTED_CODECS[info['codec']]}")
     if info["rotation"]:  # decord mis-shapes rotated videos
-        return _decode_with(task, PyAVReader(path), info, source_sha256)
+        return _decode_with(task, PyAVReader(path, keep_packets=keep), info, source_sha256)
     try:
         return _decode_with(task, DecordReader(path), info, source_sha256)
     except DecodeError as e:  # decord's own failures: the video may still be fine for FFmpeg
         try:
-            reader = PyAVReader(path)
+            reader = PyAVReader(path, keep_packets=keep)
             return {**_decode_with(task, reader, reader.info, source_sha256), "fallback": f"pyav after decord: {e}"}
         except DecodeError as pyav_error:
             raise DecodeError(f"{pyav_error} (PyAV, after decord: {e})") from None
@@ -528,7 +532,7 @@ def _decode_with(task: DecodeTask, reader: DecordReader | PyAVReader, info: dict
     frame_shapes = {key: output_shape(*upright, proto) for key, (proto, *_) in selections.items()}
     if stored:
         _write_frames(task, reader, {key: selections[key] for key in stored}, frame_shapes, info["rotation"])
-    elif isinstance(reader, PyAVReader):
+    else:
         reader.close()  # nothing to decode: the plan alone is the record (extract replays it)
 
     protocols: dict[str, Any] = {}
