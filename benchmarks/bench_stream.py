@@ -2,16 +2,17 @@
 plan (`decode.store_frames: none`) against the frame store (`all`).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_stream.py [--out stream.json]
-        [--parts disk,rss,throughput] [--seconds 10] [--short 10 --long 240] [--repeats 2] [--backend pyav]
+        [--parts disk,rss,throughput] [--seconds 10] [--lengths 10,60,240] [--repeats 2] [--backend pyav]
 
 Videos are generated here: 320 x 240 H.264 (x264 defaults: B-frames) at 30 fps, a moving gradient.
 
 1. disk: bytes per video-second that `vmr decode` writes (frames + records) for every extractor's
    default protocol, with the frames stored (before) and replayed (after), and decode's wall time.
 2. rss: peak RSS of an extract process (`ru_maxrss`) for SlowFast's protocol (30 fps, 224 x 224, 2 s
-   snippets of 32 frames) on a short and a long video, replayed and from the store. The model is a
-   stand-in (mean colour -> linear) so that the data path is what is measured: decode workers, queue,
-   back-window, grouping, batches of 8 units. Also the peak of the largest decoder worker process
+   snippets of 32 frames) on videos of `--lengths` seconds, replayed and from the store (a video
+   shorter than 16 s does not fill one batch of 8 snippets: smaller batch tensors). The model is a
+   stand-in (mean colour -> linear) so that the data path is what is measured: decode workers,
+   queue, back-window, grouping, batches of 8 units. Also the peak of the largest decoder worker process
    (with `--backend decord` it grows with the video: decord 0.6's own buffers, ~0.5 MB per frame up
    to ~1.2 GB here; the worker ends with its video).
 3. throughput: end-to-end `extract_videos` (replayed frames) against the model alone on the same units
@@ -196,10 +197,11 @@ def rss_child(video: str, mode: str, work: str, backend: str) -> None:
     }))
 
 
-def bench_rss(work: Path, short: float, long: float, backend: str) -> dict:
+def bench_rss(work: Path, lengths: list[float], backend: str) -> dict:
     out = {"feature": "slowfast protocol (30 fps, 224 x 224, 2 s snippets), stand-in model, batch 8",
            "backend": backend}
-    for label, seconds in (("short", short), ("long", long)):
+    for seconds in lengths:
+        label = f"video_{seconds:g}s"
         vdir = work / f"rss_{label}"
         vdir.mkdir()
         video = make_video(vdir / "v.mp4", seconds)
@@ -209,7 +211,7 @@ def bench_rss(work: Path, short: float, long: float, backend: str) -> dict:
                                  capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
             if res.returncode:
                 raise RuntimeError(res.stderr[-2000:])
-            out[f"{label}_{seconds:g}s_{mode}"] = json.loads(res.stdout.strip().splitlines()[-1])
+            out[f"{label}_{mode}"] = json.loads(res.stdout.strip().splitlines()[-1])
             shutil.rmtree(run)
     return out
 
@@ -271,8 +273,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="disk,rss,throughput")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of the disk / CLIP videos")
-    ap.add_argument("--short", type=float, default=10.0)
-    ap.add_argument("--long", type=float, default=240.0)
+    ap.add_argument("--lengths", default="10,60,240", help="video lengths (s) for the RSS part")
     ap.add_argument("--slowfast-seconds", type=float, default=8.0)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--backend", default="pyav", choices=["pyav", "decord"], help="decode.backend")
@@ -292,7 +293,7 @@ def main() -> None:
             result["disk"] = bench_disk(work, args.seconds, args.backend)
             print(json.dumps(result["disk"], indent=1), flush=True)
         if "rss" in parts:
-            result["rss"] = bench_rss(work, args.short, args.long, args.backend)
+            result["rss"] = bench_rss(work, [float(x) for x in args.lengths.split(",")], args.backend)
             print(json.dumps(result["rss"], indent=1), flush=True)
         if "throughput" in parts:
             result["throughput"] = bench_throughput(work, args.seconds, args.repeats, args.slowfast_seconds, args.backend)

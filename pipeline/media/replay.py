@@ -211,6 +211,12 @@ class ReplaySource:
     def video_ids(self, protocol_key: str | None = None) -> list[str]:
         return self.store.video_ids(protocol_key)
 
+    def __getstate__(self) -> dict:  # picklable (another engine's workers): without live streams
+        return {**self.__dict__, "_open": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _open=weakref.WeakSet())
+
     def close(self) -> None:
         """Stop every decoder worker still running (e.g. after an interrupted run)."""
         for frames in list(self._open):

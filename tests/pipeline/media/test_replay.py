@@ -206,3 +206,35 @@ def test_broken_and_changed_videos(tmp_path):
         _extract(ex, source, ids, tmp_path / "out")
     record = json.loads((tmp_path / "frames" / "videos" / "a.json").read_text())
     assert record["protocols"][ex.protocol().key]["stored"] is False
+
+
+def test_source_pickles_for_other_engines(stores):
+    """Another engine (Ray) ships the source to its workers and calls `video_units` there."""
+    import pickle
+
+    stored, replay, _ = stores
+    copy = pickle.loads(pickle.dumps(replay))
+    ex = make("clip")
+    a, _ = video_units(stored, ex, "a30")
+    b, _ = video_units(copy, ex, "a30")
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    copy.close()
+
+
+def test_store_is_a_cache(stores, videos, tmp_path):
+    """Stored frames are read from the store; a frame file that is gone is replayed from the video;
+    a video that is gone too is an error naming it."""
+    stored, _, _ = stores
+    ex = make("slowfast")
+    key = ex.protocol().key
+    expected = np.asarray(video_units(stored, ex, "bfr")[0])
+    copy = tmp_path / "store"
+    shutil.copytree(stored.root, copy)
+    source = ReplaySource(copy, videos)
+    assert not isinstance(source.load("bfr", key).frames, ReplayFrames)
+    (copy / key / "bfr.npy").unlink()
+    assert isinstance(source.load("bfr", key).frames, ReplayFrames)
+    assert np.asarray(video_units(source, ex, "bfr")[0]).tobytes() == expected.tobytes()
+    with pytest.raises(SourceChanged, match=r"elsewhere/bfr\.mp4: the video of 'bfr' that `vmr decode` planned is gone"):
+        ReplaySource(copy, tmp_path / "elsewhere").load("bfr", key)
+    source.close()
