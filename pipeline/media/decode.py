@@ -36,6 +36,7 @@ import numpy as np
 from pipeline.core.atomic import atomic_path, remove_stale_temporaries, write_json
 from pipeline.core.codedeps import import_closure
 from pipeline.core.provenance import code_version
+from pipeline.media import replay
 from pipeline.media.decode_pool import TaskError, first_line, run_pool
 from pipeline.media.framestore import FAILURES, MANIFEST, RECORDS_DIR, FrameStore, durations_path
 from pipeline.media.sampling import select
@@ -665,8 +666,9 @@ def decoder_code() -> str:
     """Digest of the code that selects, decodes and writes (or replays) a video's frames. A video
     decoded by other code is decoded again: DVC re-runs decode when its code changes, and the frame
     store it keeps between runs (persist) must not answer with frames of the old rules; extract's
-    outputs record it too (replayed frames are made by this code)."""
-    return code_version(import_closure(["pipeline.media.decode", "pipeline.media.replay"]))
+    outputs record it too (replayed frames are made by this code: hence decode imports `replay`, which
+    also makes the decode stage depend on it)."""
+    return code_version(import_closure([__name__, replay.__name__]))
 
 
 def is_complete(store: FrameStore, video_id: str, source_sha256: str, keys: set[str], code: str | None = None,
