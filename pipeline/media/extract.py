@@ -1,7 +1,7 @@
 """Run one extractor over decoded frames: per-video (T, D) float32 .npy + timestamps sidecar.
 
 The frames come from a `source` with the FrameStore reading interface (`read_record`, `video_ids`,
-`load`, `failure`): the frame store itself, or `replay.ReplaySource`, which decodes the recorded plan
+`load`; optionally `failure` and `close`): the frame store itself, or `replay.ReplaySource`, which decodes the recorded plan
 of the protocols whose frames are not stored. A video whose frames fail to replay is reported in the
 summary (`failed`) and skipped; the other videos' batches stay the same.
 
@@ -303,7 +303,7 @@ def _run(extractor, model, device, store, videos: list[_Video], out_dir: Path, d
                 v = videos[p.video]
                 if p.stop != v.unit_count:
                     continue
-                reason = store.failure(v.vid)
+                reason = store.failure(v.vid) if hasattr(store, "failure") else None
                 if reason is not None and not v.done:  # its frames are zeros from the failure on
                     failed[v.vid] = reason
                 elif not v.done:  # its last piece has run: the video is complete
