@@ -135,9 +135,10 @@ def build_dag(params: Params, raw: dict[str, Any], source: str = "params") -> di
     npy, features = Path(params.merge.npy_dir), Path(params.merge.out_dir)
     for f in extracted:
         stages[f"extract-{f}"] = _stage(
-            f"vmr extract --feature {f}", f"Extract per-video {f} features from the frame store",
-            stage_code("extract", [EXTRACTORS.get(f)]), [params.decode.out_dir],
-            ["decode.out_dir", "merge.npy_dir", f"extractors.{f}"], raw,
+            f"vmr extract --feature {f}", f"Extract per-video {f} features from the frame store, or from "
+            "the videos by replaying decode's plan (frames not stored)",
+            stage_code("extract", [EXTRACTORS.get(f)]), [params.decode.out_dir, params.dataset.video_dir],
+            ["decode.out_dir", "dataset.video_dir", "merge.npy_dir", f"extractors.{f}"], raw,
             [{str(npy / f): {"persist": True}}])  # resume: a re-run skips videos already done
     for f in extracted:
         stages[f"merge-{f}"] = _stage(

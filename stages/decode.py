@@ -1,5 +1,8 @@
 """Stage `decode`: raw videos -> frame store, for the sampling protocols of the enabled `features`
-(less the imported ones) and of the models in `models` that train on pixels (their `needs().frames`)."""
+(less the imported ones) and of the models in `models` that train on pixels (their `needs().frames`).
+
+Every protocol's plan is recorded; frames are written for those `decode.store_frames` keeps and for
+the pixel-reading models (they read the frames every epoch); `vmr extract` replays the others."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from pipeline.core.codedeps import stage_code
 from pipeline.core.params import Params, ParamsError, require_files, subset
 from pipeline.core.progress import log, make_progress
 from pipeline.core.provenance import make_record, write_record
-from pipeline.media.decode import decode_all, list_videos, unusable_videos
+from pipeline.media.decode import decode_all, list_videos, stored_keys, unusable_videos
 from stages.common import frame_models
 
 
@@ -29,6 +32,14 @@ def protocols_for(params: Params) -> list:
     for name in frame_models(params):
         protocols.append(MODELS.get(name).needs(MODELS.config(params, name), params.dataset).frames)
     return protocols
+
+
+def stored_for(params: Params) -> set[str]:
+    """Keys of the protocols whose frames decode writes."""
+    features = [EXTRACTORS.get(name)(EXTRACTORS.config(params, name)).protocol() for name in params.extracted_features()]
+    readers = {MODELS.get(name).needs(MODELS.config(params, name), params.dataset).frames.key
+               for name in frame_models(params)}
+    return stored_keys(features, params.decode.store_frames) | readers
 
 
 def run(params: Params, source: str, **_: object) -> None:
@@ -54,6 +65,7 @@ def run(params: Params, source: str, **_: object) -> None:
             backend=p.backend,
             on_result=lambda vid, status: progress.advance(bar),
             unusable=unusable_videos(video_dir),
+            store_frames=stored_for(params),
         )
         progress.update(bar, completed=len(videos))
 

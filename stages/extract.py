@@ -1,4 +1,7 @@
-"""Stage `extract-<feature>`: frame store -> `merge.npy_dir`/<feature>/<vid>.npy (+ .json timestamps)."""
+"""Stage `extract-<feature>`: frame store -> `merge.npy_dir`/<feature>/<vid>.npy (+ .json timestamps).
+
+Frames the store does not hold (`decode.store_frames`) are decoded again from `dataset.video_dir` by
+replaying decode's recorded plan (pipeline/media/replay.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pipeline.core.progress import log, make_progress
 from pipeline.core.provenance import make_record, read_record, weights_record, write_record
 from pipeline.media.extract import extract_videos, parse_shard, resolve_device, shard_of
 from pipeline.media.framestore import FrameStore
+from pipeline.media.replay import ReplaySource
 
 
 def build(extractor) -> tuple[torch.nn.Module, str]:
@@ -45,6 +49,7 @@ def run(params: Params, source: str, feature: str, shard: str | None = None, **_
         raise ParamsError(str(e)) from None
 
     store = FrameStore(store_dir)
+    source = ReplaySource(store, params.dataset.video_dir, timeout_s=params.decode.timeout_s)
     key = extractor.protocol().key
     all_ids = store.video_ids(key)
     if not all_ids:
@@ -64,7 +69,7 @@ def run(params: Params, source: str, feature: str, shard: str | None = None, **_
     with make_progress() as progress:
         bar = progress.add_task(f"extract {feature} [{index}/{count}]", total=len(ids))
         summary = extract_videos(
-            extractor, model, device, store, ids, out_dir, weights,
+            extractor, model, device, source, ids, out_dir, weights,
             all_video_ids=all_ids, progress=lambda: progress.advance(bar),
         )
     decode_record = read_record(store.root)
@@ -77,6 +82,7 @@ def run(params: Params, source: str, feature: str, shard: str | None = None, **_
             "extractor": extractor.describe(),
             "decoder": None if decode_record is None else decode_record.get("decoder"),
             "shard": [index, count],
+            "failed": dict(sorted(summary.failed.items())),
             "device_type": device.type,
             "torch": torch.__version__,
         },
@@ -88,5 +94,14 @@ def run(params: Params, source: str, feature: str, shard: str | None = None, **_
         write_json(out_dir / f"shard-{index}-of-{count}.prov.json", record)
     log(
         f"extract {feature}: shard {index}/{count}: {summary.videos} videos, {summary.computed} computed, "
-        f"{summary.skipped} already done; {summary.units} units in {summary.seconds_model:.1f} s of model time"
+        f"{summary.skipped} already done, {len(summary.failed)} failed; {summary.units} units in "
+        f"{summary.seconds_model:.1f} s of model time"
     )
+    for vid, reason in sorted(summary.failed.items()):
+        log(f"  failed {vid}: {reason}")
+    share = len(summary.failed) / summary.videos if summary.videos else 0.0
+    if share > params.decode.max_failure_share:
+        raise SystemExit(
+            f"extract {feature}: {len(summary.failed)}/{summary.videos} videos could not be replayed "
+            f"({share:.1%} > decode.max_failure_share={params.decode.max_failure_share:g})"
+        )

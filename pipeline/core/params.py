@@ -116,6 +116,10 @@ class DecodeParams(Section):
     # pyav: faster and FFmpeg's own scaling (docs/features.md); decord: rotated files and decord's
     # own failures (a hang included) go through PyAV
     backend: Literal["decord", "pyav"] = "pyav"
+    # which protocols' frames decode writes (a cache): sparse = at most 1 frame/s (CLIP); the others
+    # are decoded again by extract from the recorded plan (pipeline/media/replay.py). Frames of models
+    # that train on pixels are always stored. docs/features.md has the measurements.
+    store_frames: Literal["none", "sparse", "all"] = "sparse"
 
 
 class MergeParams(Section):

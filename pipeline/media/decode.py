@@ -36,6 +36,7 @@ import numpy as np
 from pipeline.core.atomic import atomic_path, remove_stale_temporaries, write_json
 from pipeline.core.codedeps import import_closure
 from pipeline.core.provenance import code_version
+from pipeline.media import replay
 from pipeline.media.decode_pool import TaskError, first_line, run_pool
 from pipeline.media.framestore import FAILURES, MANIFEST, RECORDS_DIR, FrameStore, durations_path
 from pipeline.media.sampling import select
@@ -244,6 +245,9 @@ class DecordReader:
             except Exception as e:
                 raise DecodeError(f"decord failed on frames {chunk[0]}..{chunk[-1]}: {first_line(e)}") from None
             yield from zip(chunk, batch, strict=True)
+        self.close()
+
+    def close(self) -> None:
         self.vr.seek(0)  # stops decord's background decoding (dmlc/decord#157)
 
 
@@ -256,14 +260,15 @@ class PyAVReader:
 
     Used for `backend: pyav`, and for rotated videos with either backend (decord mis-shapes them).
     The demuxed packets give the timestamps; they are kept (compressed: at most the file size) so that
-    `frames()` decodes them from this same container, except for files above KEEP_PACKETS_MAX_BYTES,
-    which `frames()` demuxes again (bounded memory). The demux pass also decodes up to the first
+    `frames()` decodes them from this same container, except for files above KEEP_PACKETS_MAX_BYTES
+    or with `keep_packets=False` (extract's replay: memory bounded whatever the file size), which
+    `frames()` demuxes again. The demux pass also decodes up to the first
     frame: its display rotation is `info["rotation"]`, and a stream without one has zero frames.
     """
 
     name = "pyav"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_packets: bool = True):
         import av
 
         self.version = f"pyav {av.__version__} (FFmpeg {av.library_versions['libavcodec']})"
@@ -276,7 +281,7 @@ class PyAVReader:
             tb = float(stream.time_base)
             start = stream.start_time or 0
             indexed = stream.frames  # nb_frames from the container's index (0: unknown)
-            keep = path.stat().st_size <= KEEP_PACKETS_MAX_BYTES
+            keep = keep_packets and path.stat().st_size <= KEEP_PACKETS_MAX_BYTES
             frames = 0  # packets of frames, shown or not (as counted in nb_frames)
             packets, first, fed = [], None, 0  # first: decoded frames of the first packet that gave any
             for packet in self._container.demux(stream):  # the last packet is the decoder flush
@@ -458,6 +463,8 @@ class DecodeTask:
     backend: str = "decord"  # "decord" (PyAV for rotated files) or "pyav"
     fallback_reason: str | None = None  # why this PyAV task retries a decord one (recorded)
     code: str | None = None  # `decoder_code()`, recorded: a record of other code is not resumed
+    # keys of the protocols whose frames are written (None: all); extract replays the others' plans
+    stored: tuple | None = None
 
 
 def run_task(task: DecodeTask) -> str:
@@ -467,7 +474,8 @@ def run_task(task: DecodeTask) -> str:
     never keeps a worker waiting."""
     store = FrameStore(task.store_root)
     source_sha256 = sha256_of(Path(task.path))
-    if is_complete(store, task.video_id, source_sha256, {p.key for p in task.protocols}, task.code):
+    if is_complete(store, task.video_id, source_sha256, {p.key for p in task.protocols}, task.code,
+                   None if task.stored is None else set(task.stored)):
         return "skipped"
     record = {**decode_video(task, source_sha256), "code": task.code}
     if task.fallback_reason:
@@ -480,19 +488,20 @@ def decode_video(task: DecodeTask, source_sha256: str | None = None) -> dict[str
     """Decode one video for every protocol; returns its record (status ok). Raises DecodeError."""
 
     path = Path(task.path)
+    keep = task.stored is None or bool(task.stored)  # the packets serve only to decode frames here
     if task.backend == "pyav":  # one open: facts, timestamps and frames
-        reader = PyAVReader(path)
+        reader = PyAVReader(path, keep_packets=keep)
         return _decode_with(task, reader, reader.info, source_sha256)
     info = probe(path)
     if info["codec"] in UNSUPPORTED_CODECS:
         raise DecodeError(f"unsupported codec '{info['codec']}': {UNSUPPORTED_CODECS[info['codec']]}")
     if info["rotation"]:  # decord mis-shapes rotated videos
-        return _decode_with(task, PyAVReader(path), info, source_sha256)
+        return _decode_with(task, PyAVReader(path, keep_packets=keep), info, source_sha256)
     try:
         return _decode_with(task, DecordReader(path), info, source_sha256)
     except DecodeError as e:  # decord's own failures: the video may still be fine for FFmpeg
         try:
-            reader = PyAVReader(path)
+            reader = PyAVReader(path, keep_packets=keep)
             return {**_decode_with(task, reader, reader.info, source_sha256), "fallback": f"pyav after decord: {e}"}
         except DecodeError as pyav_error:
             raise DecodeError(f"{pyav_error} (PyAV, after decord: {e})") from None
@@ -500,11 +509,9 @@ def decode_video(task: DecodeTask, source_sha256: str | None = None) -> dict[str
 
 def _decode_with(task: DecodeTask, reader: DecordReader | PyAVReader, info: dict[str, Any],
                  source_sha256: str | None) -> dict[str, Any]:
-    """Select, decode, resize and write every protocol's frames with `reader`; the video's record."""
-    import av.video.reformatter
-
+    """Select every protocol's frames, decode, resize and write those of the stored protocols with
+    `reader`; the video's record (with the plan of every protocol)."""
     path = Path(task.path)
-    store = FrameStore(task.store_root)
     ts = reader.timestamps()
     if len(ts) == 0:
         raise DecodeError("zero frames")
@@ -521,42 +528,23 @@ def _decode_with(task: DecodeTask, reader: DecordReader | PyAVReader, info: dict
             raise DecodeError(f"protocol {proto.key} keeps no frame of this {end:.3f} s video "
                               f"({len(starts)} frame(s)): too short to give a feature")
         selections[proto.key] = (proto, idx, windows, rate)
-    needed = np.unique(np.concatenate([s[1] for s in selections.values()]))
-
-    # Decode the union of the selected frames once, in order; each decoded frame is resized for every
-    # protocol slot that uses it and appended to that protocol's .npy (slots are in source order), so
-    # memory holds one source frame at a time whatever the video length.
+    stored = [key for key in selections if task.stored is None or key in task.stored]
     upright = (info["width"], info["height"]) if info["rotation"] % 180 else (info["height"], info["width"])
-    slots: dict[int, list[tuple[str, int]]] = {}
-    for key, (_, idx, _, _) in selections.items():
-        for j, i in enumerate(idx.tolist()):
-            slots.setdefault(i, []).append((key, j))
+    frame_shapes = {key: output_shape(*upright, proto) for key, (proto, *_) in selections.items()}
+    if stored:
+        _write_frames(task, reader, {key: selections[key] for key in stored}, frame_shapes, info["rotation"])
+    else:
+        reader.close()  # nothing to decode: the plan alone is the record (extract replays it)
+
     protocols: dict[str, Any] = {}
-    with contextlib.ExitStack() as stack:
-        writers = {}
-        for key, (proto, idx, _, _) in selections.items():
-            tmp = stack.enter_context(atomic_path(store.frames_path(key, task.video_id)))
-            writers[key] = stack.enter_context(_NpyWriter(tmp, (len(idx), *output_shape(*upright, proto))))
-        reformatters = {key: av.video.reformatter.VideoReformatter() for key in selections}
-        seen = set()
-        for i, src in reader.frames(needed):
-            seen.add(i)
-            done: dict[str, np.ndarray] = {}
-            for key, j in slots[i]:
-                if key not in done:
-                    done[key] = resize_crop(src, selections[key][0], info["rotation"], reformatters[key])
-                writers[key].write(j, done[key])
-        missing = [int(i) for i in needed if int(i) not in seen]
-        if missing:
-            raise DecodeError(f"frames {missing[:5]} could not be decoded")
 
     for key, (proto, idx, windows, rate) in selections.items():
-        frame_shape = list(output_shape(*upright, proto))
         protocols[key] = {
             "protocol": proto.as_dict(),
             "rate": rate,
             "count": int(len(idx)),
-            "frame_shape": frame_shape,
+            "frame_shape": list(frame_shapes[key]),
+            "stored": key in stored,  # else `vmr extract` decodes the plan again (pipeline/media/replay.py)
             "source_index": idx.tolist(),
             "pts": np.round(starts[idx], _DECIMALS).tolist(),
             "windows": np.round(windows, _DECIMALS).tolist(),
@@ -567,6 +555,7 @@ def _decode_with(task: DecodeTask, reader: DecordReader | PyAVReader, info: dict
         "bytes": path.stat().st_size,
         "sha256": source_sha256 or sha256_of(path),
         "status": "ok",
+        "reader": reader.name,  # what decodes the frames, here and when extract replays the plan
         "decoder": reader.version,
         "codec": info["codec"],
         "width": info["width"],
@@ -579,6 +568,38 @@ def _decode_with(task: DecodeTask, reader: DecordReader | PyAVReader, info: dict
         "start_offset": info["start_offset"],
         "protocols": protocols,
     }
+
+
+def _write_frames(task: DecodeTask, reader: DecordReader | PyAVReader, selections: dict, frame_shapes: dict,
+                  rotation: int) -> None:
+    """Decode the union of the selected frames once, in order; each decoded frame is resized for every
+    protocol slot that uses it and appended to that protocol's .npy (slots are in source order), so
+    memory holds one source frame at a time whatever the video length."""
+    import av.video.reformatter
+
+    store = FrameStore(task.store_root)
+    needed = np.unique(np.concatenate([s[1] for s in selections.values()]))
+    slots: dict[int, list[tuple[str, int]]] = {}
+    for key, (_, idx, _, _) in selections.items():
+        for j, i in enumerate(idx.tolist()):
+            slots.setdefault(i, []).append((key, j))
+    with contextlib.ExitStack() as stack:
+        writers = {}
+        for key, (_, idx, _, _) in selections.items():
+            tmp = stack.enter_context(atomic_path(store.frames_path(key, task.video_id)))
+            writers[key] = stack.enter_context(_NpyWriter(tmp, (len(idx), *frame_shapes[key])))
+        reformatters = {key: av.video.reformatter.VideoReformatter() for key in selections}
+        seen = set()
+        for i, src in reader.frames(needed):
+            seen.add(i)
+            done: dict[str, np.ndarray] = {}
+            for key, j in slots[i]:
+                if key not in done:
+                    done[key] = resize_crop(src, selections[key][0], rotation, reformatters[key])
+                writers[key].write(j, done[key])
+        missing = [int(i) for i in needed if int(i) not in seen]
+        if missing:
+            raise DecodeError(f"frames {missing[:5]} could not be decoded")
 
 
 class _NpyWriter:
@@ -607,6 +628,27 @@ class _NpyWriter:
 
 # -- the whole store -------------------------------------------------------------------------------
 
+# The densest rate whose frames `store_frames: sparse` keeps on disk: CLIP's 1 frame/s (147 KiB per
+# video-second at 224 x 224). Denser protocols (SlowFast/I3D at 24-30 fps: 3.4-4.3 MiB/s, VGG at
+# 8 fps, C3D's every frame) are replayed by extract instead (docs/features.md has the measurements).
+SPARSE_MAX_RATE = 1.0
+STORE_POLICIES = ("none", "sparse", "all")
+
+
+def is_sparse(proto) -> bool:
+    """At most SPARSE_MAX_RATE kept frames per second (every_n and all keep a share of the native rate)."""
+    return proto.rule in ("fps_filter", "uniform") and proto.rate <= SPARSE_MAX_RATE
+
+
+def stored_keys(protocols: list, store_frames: str | set[str]) -> set[str]:
+    """Keys of the protocols whose frames decode writes: a policy name of STORE_POLICIES, or the keys."""
+    if not isinstance(store_frames, str):
+        return set(store_frames)
+    if store_frames not in STORE_POLICIES:
+        raise ValueError(f"store_frames {store_frames!r}: expected one of {STORE_POLICIES}")
+    return {p.key for p in protocols if store_frames == "all" or (store_frames == "sparse" and is_sparse(p))}
+
+
 
 @dataclass
 class DecodeSummary:
@@ -621,15 +663,19 @@ class DecodeSummary:
 
 
 def decoder_code() -> str:
-    """Digest of the code that selects, decodes and writes a video's frames. A video decoded by
-    other code is decoded again: DVC re-runs decode when its code changes, and the frame store it
-    keeps between runs (persist) must not answer with frames of the old rules."""
-    return code_version(import_closure(["pipeline.media.decode"]))
+    """Digest of the code that selects, decodes and writes (or replays) a video's frames. A video
+    decoded by other code is decoded again: DVC re-runs decode when its code changes, and the frame
+    store it keeps between runs (persist) must not answer with frames of the old rules; extract's
+    outputs record it too (replayed frames are made by this code: hence decode imports `replay`, which
+    also makes the decode stage depend on it)."""
+    return code_version(import_closure([__name__, replay.__name__]))
 
 
-def is_complete(store: FrameStore, video_id: str, source_sha256: str, keys: set[str], code: str | None = None) -> bool:
-    """A finished video: record ok, same source bytes, same decoder code, and frames for every
-    requested protocol."""
+def is_complete(store: FrameStore, video_id: str, source_sha256: str, keys: set[str], code: str | None = None,
+                stored: set[str] | None = None) -> bool:
+    """A finished video: record ok, same source bytes, same decoder code, a plan for every requested
+    protocol, and frames for those of `stored` (default: all of `keys`)."""
+    stored = keys if stored is None else stored & keys
     rec = store.read_record(video_id)
     return (
         rec is not None
@@ -637,7 +683,8 @@ def is_complete(store: FrameStore, video_id: str, source_sha256: str, keys: set[
         and rec.get("sha256") == source_sha256
         and rec.get("code") == code
         and keys <= set(rec.get("protocols", {}))
-        and all(store.frames_path(k, video_id).is_file() for k in keys)
+        and all(rec["protocols"][k].get("stored", True) == (k in stored) for k in keys)
+        and all(store.frames_path(k, video_id).is_file() for k in stored)
     )
 
 
@@ -651,14 +698,18 @@ def decode_all(
     backend: str = "decord",
     on_result: Callable[[str, str], None] | None = None,
     unusable: dict[str, str] | None = None,
+    store_frames: str | set[str] = "all",
 ) -> DecodeSummary:
     """Decode `videos` (id -> path) for `protocols` into the store, resuming finished videos.
-    `unusable` (file name -> reason, from `unusable_videos`) is listed among the failures."""
+    `unusable` (file name -> reason, from `unusable_videos`) is listed among the failures.
+    `store_frames` says which protocols' frames are written (`stored_keys`); every protocol's plan is
+    recorded either way."""
     store = FrameStore(store_root)
     protocols = list({p.key: p for p in protocols}.values())  # equal protocols share frames
-    keys = {p.key for p in protocols}
+    stored = stored_keys(protocols, store_frames)
     code = decoder_code()
-    tasks = [DecodeTask(vid, str(path), str(store_root), tuple(protocols), backend, code=code)
+    tasks = [DecodeTask(vid, str(path), str(store_root), tuple(protocols), backend, code=code,
+                        stored=tuple(sorted(stored)))
              for vid, path in videos.items()]
     failed: dict[str, str] = {}
     decoded = skipped = 0
@@ -690,7 +741,7 @@ def decode_all(
                 _write_failure(store, res.task, failed[vid])
             if on_result:
                 on_result(vid, res.status)
-    _prune(store, videos, keys, set(failed))
+    _prune(store, videos, stored, set(failed))
     unusable = unusable or {}
     _write_reports(store, videos, unusable)
     failed |= {Path(name).stem: reason for name, reason in unusable.items()}
@@ -703,7 +754,8 @@ def _write_failure(store: FrameStore, task: DecodeTask, reason: str) -> None:
 
 
 def _prune(store: FrameStore, videos: dict[str, Path], keys: set[str], failed: set[str]) -> None:
-    """Delete what a fresh run would not write: other videos, other protocols, frames of failures.
+    """Delete what a fresh run would not write: other videos, frames of other or unstored protocols
+    (`keys` are the stored ones), frames of failures.
 
     With DVC `persist: true` the store survives between runs, so without this a re-run after a params
     change would not be byte-identical to a clean run.

@@ -155,3 +155,89 @@ def run_pool(
     finally:
         for w in list(pool):
             retire(w, kill=w.task is not None)
+
+
+# -- one task's items, streamed -----------------------------------------------------------------------
+
+
+def _stream_main(queue, fn: Callable[[Any], Iterable[Any]], task: Any) -> None:
+    """Put ("item", x) for every item of `fn(task)`, then ("end", None), or ("failed", reason)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        for item in fn(task):
+            queue.put(("item", item))
+        queue.put(("end", None))
+    except TaskError as e:
+        queue.put(("failed", str(e)))
+    except Exception as e:
+        queue.put(("failed", f"{type(e).__name__}: {first_line(e)}"))
+
+
+class Stream:
+    """The items of a generator `fn(task)` run in a worker process, through a bounded queue.
+
+    The worker runs ahead of the reader by at most `max_items` items, then blocks: memory is bounded
+    whatever the number of items. The discipline of `run_pool` holds: the worker is forked from the
+    same fork server (with `preload`), a worker that gives no item for `timeout_s` while the reader
+    waits is killed (SIGKILL: decord can deadlock holding the GIL), and a worker that dies or fails
+    makes `next()` raise TaskError with the reason. `close()` kills a worker that is not finished.
+    """
+
+    def __init__(self, fn: Callable[[Any], Iterable[Any]], task: Any, max_items: int, timeout_s: float,
+                 preload: tuple[str, ...] = ()):
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["__main__", __name__, *preload])  # no effect once the server runs
+        self.timeout_s = timeout_s
+        self.queue = ctx.Queue(maxsize=max(1, max_items))
+        self.process = ctx.Process(target=_stream_main, args=(self.queue, fn, task), daemon=True)
+        self.process.start()
+        self.finished = False
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Any:
+        import queue
+
+        if self.finished:
+            raise StopIteration
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:  # wake up every second to see whether the worker is still alive
+                kind, value = self.queue.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+                break
+            except queue.Empty:
+                if not self.process.is_alive():
+                    try:  # its last items may have arrived meanwhile
+                        kind, value = self.queue.get(timeout=0.1)
+                        break
+                    except queue.Empty:
+                        code = self.process.exitcode
+                        self.close()
+                        raise TaskError(f"worker crashed (exit code {code})") from None
+                if time.monotonic() >= deadline:
+                    self.close()
+                    raise TaskError(f"timed out after {self.timeout_s:g} s waiting for the next frame "
+                                    "(worker killed)") from None
+        if kind == "item":
+            return value
+        self.close()
+        if kind == "end":
+            raise StopIteration
+        raise TaskError(value)
+
+    def close(self) -> None:
+        """Stop the worker (killed unless it has finished) and release the queue."""
+        self.finished = True
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=10)
+        self.queue.close()
+        self.queue.cancel_join_thread()
+
+    def __del__(self) -> None:  # a reader dropped mid-stream must not leave a blocked worker behind
+        try:
+            if not self.finished:
+                self.close()
+        except Exception:
+            pass

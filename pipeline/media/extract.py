@@ -1,4 +1,9 @@
-"""Run one extractor over the frame store: per-video (T, D) float32 .npy + timestamps sidecar.
+"""Run one extractor over decoded frames: per-video (T, D) float32 .npy + timestamps sidecar.
+
+The frames come from a `source` with the FrameStore reading interface (`read_record`, `video_ids`,
+`load`; optionally `failure` and `close`): the frame store itself, or `replay.ReplaySource`, which decodes the recorded plan
+of the protocols whose frames are not stored. A video whose frames fail to replay is reported in the
+summary (`failed`) and skipped; the other videos' batches stay the same.
 
 Batching is across videos, with FIXED batch boundaries: the units of the shard's videos (sorted ids)
 form one stream cut every `batch_size` units (`plan_batches`); within a batch, each run of units of one
@@ -34,7 +39,6 @@ import torch
 from pipeline.core.atomic import remove_own_temporaries, write_json, write_npy
 from pipeline.core.codedeps import import_closure, module_file
 from pipeline.core.provenance import code_version
-from pipeline.media.framestore import FrameStore
 from pipeline.media.sampling import VideoInfo
 
 
@@ -197,6 +201,21 @@ def _as_array(piece) -> np.ndarray:
     return np.asarray(piece)
 
 
+def _materialize(piece):
+    """A piece's units read once (a list of arrays stays a list): replayed frames are decoded once
+    per batch, forward only."""
+    return piece if isinstance(piece, list) else np.asarray(piece)
+
+
+def video_units(source, extractor, vid: str) -> tuple:
+    """(units, windows) of one video: its frames from `source` grouped by `extractor`. Module level
+    and picklable, so that any engine can call it where the frames are."""
+    vf = source.load(vid, extractor.protocol().key)
+    record = source.read_record(vid) or {}
+    info = VideoInfo(vid, fps=record.get("native_fps") or 0.0, duration=record.get("stream_duration"))
+    return extractor.group(vf.frames, vf.windows, video=info)
+
+
 @dataclass
 class ExtractSummary:
     videos: int
@@ -204,26 +223,27 @@ class ExtractSummary:
     skipped: int
     units: int  # model inputs run in this invocation (incl. recomputed ones of finished videos)
     seconds_model: float
+    failed: dict[str, str] = field(default_factory=dict)  # video id -> why its frames could not be read
 
 
 def extract_videos(
     extractor,
     model: torch.nn.Module,
     device: torch.device,
-    store: FrameStore,
+    store,
     video_ids: list[str],
     out_dir: str | Path,
     weights: str,
     all_video_ids: list[str] | None = None,
     progress=None,
 ) -> ExtractSummary:
-    """Extract features of `video_ids` (one shard) into `out_dir`; see the module docstring."""
+    """Extract features of `video_ids` (one shard) into `out_dir`; see the module docstring. `store`
+    is the frame source (a FrameStore or a replay.ReplaySource)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_own_temporaries(out_dir, video_ids)  # never another shard's files in flight
     if all_video_ids is not None:
         _prune(out_dir, set(all_video_ids))
-    key = extractor.protocol().key
     # its code too: DVC re-runs extract when the code changes, and a kept (persist) output of the
     # old code must not be resumed as done
     digest = extractor_digest(extractor.describe(), weights, extractor_code(type(extractor)))
@@ -242,24 +262,35 @@ def extract_videos(
         )
         videos.append(_Video(vid, done, source, side["units"] if done else None))
 
-    def load(vid: str) -> tuple:
-        vf = store.load(vid, key)
-        record = store.read_record(vid) or {}
-        info = VideoInfo(vid, fps=record.get("native_fps") or 0.0, duration=record.get("stream_duration"))
-        return extractor.group(vf.frames, vf.windows, video=info)
+    try:
+        return _run(extractor, model, device, store, videos, out_dir, digest, progress)
+    finally:  # an interrupted run leaves no decoder worker behind (replayed frames)
+        if hasattr(store, "close"):
+            store.close()
 
+
+def _run(extractor, model, device, store, videos: list[_Video], out_dir: Path, digest: str,
+         progress) -> ExtractSummary:
     computed = units_run = 0
     model_seconds = 0.0
+    failed: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=2) as threads:
-        loader = _Loader(videos, load, threads)
+        loader = _Loader(videos, lambda vid: video_units(store, extractor, vid), threads)
         counts = (loader.unit_count(pos) for pos in range(len(videos)))
         for batch in plan_batches(counts, extractor.config.batch_size):
             # a batch with any unfinished video runs whole (the same batches, the same numbers); the
             # rows of its finished videos are dropped
             if any(p.stop > p.start and not videos[p.video].done for p in batch):
-                shapes = [_unit_shapes(loader.piece(p)) for p in batch]
+                # each piece read once (a video has one piece per batch); a forward pass slices them
+                held = {p.video: (p.start, _materialize(loader.piece(p))) for p in batch}
+
+                def cut(p: Piece, held=held):
+                    start, units = held[p.video]
+                    return units[p.start - start : p.stop - start]
+
+                shapes = [_unit_shapes(cut(p)) for p in batch]
                 for forward_pass in split_by_shape(batch, shapes):
-                    x = np.concatenate([_as_array(loader.piece(p)) for p in forward_pass])
+                    x = np.concatenate([_as_array(cut(p)) for p in forward_pass])
                     t0 = time.perf_counter()
                     out = _forward(extractor, model, device, x)
                     model_seconds += time.perf_counter() - t0
@@ -272,14 +303,17 @@ def extract_videos(
                 v = videos[p.video]
                 if p.stop != v.unit_count:
                     continue
-                if not v.done:  # its last piece has run: the video is complete
+                reason = store.failure(v.vid) if hasattr(store, "failure") else None
+                if reason is not None and not v.done:  # its frames are zeros from the failure on
+                    failed[v.vid] = reason
+                elif not v.done:  # its last piece has run: the video is complete
                     _write_video(out_dir, extractor, digest, v)
                     computed += 1
-                    if progress:
-                        progress()
+                if progress and not v.done:
+                    progress()
                 v.data, v.rows = None, []
     skipped = sum(v.done for v in videos)
-    return ExtractSummary(len(videos), computed, skipped, units_run, model_seconds)
+    return ExtractSummary(len(videos), computed, skipped, units_run, model_seconds, failed)
 
 
 def _write_video(out_dir: Path, extractor, digest: str, v: _Video) -> None:

@@ -3,11 +3,14 @@
 Layout under the store root (default `work/frames/`):
 
     <protocol.key>/<video_id>.npy   uint8 (N, H, W, 3) RGB: the kept frames of one video, resized and
-                                    cropped as the protocol says (224 x 224 for CLIP/VGG)
+                                    cropped as the protocol says (224 x 224 for CLIP/VGG); only for
+                                    the protocols `decode.store_frames` keeps: extract replays the
+                                    others' plans from the videos (pipeline/media/replay.py)
     videos/<video_id>.json          per-video record, written LAST (it is the "done" marker): source
                                     digest, codec, native fps, frame count, duration, rotation, status /
-                                    failure reason and, per protocol, the source index, pts and time
-                                    window (start, end) of every kept frame
+                                    failure reason, the reader (pyav | decord) and, per protocol, the
+                                    source index, pts and time window (start, end) of every kept
+                                    frame, its frame shape and whether its frames are stored
     manifest.json                   every video's record without the per-frame lists, sorted by id
     failures.json                   the videos that failed, each with its reason
     durations.json                  {video id: duration in seconds} of the decoded videos, sorted: the
@@ -17,7 +20,8 @@ Layout under the store root (default `work/frames/`):
     provenance.json                 how the store was made
 
 Raw uint8 .npy keeps decode -> extract lossless and lets extract memory-map frames; at 224 x 224 RGB a
-kept frame is 150,528 bytes, i.e. 147 KiB per video-second at CLIP's default 1 frame/s.
+kept frame is 150,528 bytes, i.e. 147 KiB per video-second at CLIP's default 1 frame/s, but 4.3 MiB
+per video-second at SlowFast's 30 fps: hence the store is a cache, and dense protocols replay.
 """
 
 from __future__ import annotations
@@ -86,6 +90,10 @@ class FrameStore:
         except (OSError, json.JSONDecodeError):
             return None  # a damaged record counts as "not done"
 
+    def failure(self, video_id: str) -> str | None:
+        """Stored frames never fail to replay (the reading interface of `replay.ReplaySource`)."""
+        return None
+
     def manifest(self) -> dict:
         path = self.root / MANIFEST
         if not path.is_file():
@@ -111,6 +119,11 @@ class FrameStore:
                 f"(decoded for {sorted(record['protocols'])}); re-run `vmr decode` with this feature enabled"
             )
         entry = record["protocols"][protocol_key]
+        if not entry.get("stored", True):
+            raise FileNotFoundError(
+                f"{self.frames_path(protocol_key, video_id)}: frames of protocol {protocol_key} are not stored "
+                "(decode.store_frames); read them through pipeline.media.replay.ReplaySource"
+            )
         frames = np.load(self.frames_path(protocol_key, video_id), mmap_mode="r" if mmap else None)
         if frames.shape[0] != len(entry["pts"]):
             raise ValueError(

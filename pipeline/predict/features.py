@@ -4,8 +4,9 @@ merge code, and cached per video by content.
 A cache entry is `<cache_dir>/<recipe digest>-<device type>/<video sha256>/`: `<feature>.h5` per feature file the
 model reads (a merged HDF5 of the one video, with its merge record), and `video.json` (the id inside
 the files, the duration, how it was made). Entries are built in a temporary directory and renamed
-into place, so a killed run leaves no half entry. The frames are decoded into a temporary frame
-store (deleted after extraction): a cached video needs neither decode nor extraction again.
+into place, so a killed run leaves no half entry. Decode records each video's plan in a temporary
+frame store (deleted after extraction) and stores no frame: extraction replays the plan from the
+video (pipeline/media/replay.py). A cached video needs neither decode nor extraction again.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pipeline.media.feature_pca import apply_pca, fit_pca
 from pipeline.media.features import FeatureFile
 from pipeline.media.framestore import FrameStore
 from pipeline.media.h5merge import merge_to_hdf5
+from pipeline.media.replay import ReplaySource
 from pipeline.predict.recipe import FeatureRecipe, Recipe
 from stages.extract import build as build_extractor_model
 
@@ -151,7 +153,7 @@ class FeatureCache:
         try:
             ids = {sha: sha[:16] for sha in videos}
             extractors = {f.extractor: self._extractor(f) for f in self.recipe.features}
-            store = FrameStore(work / "frames")
+            store = ReplaySource(FrameStore(work / "frames"), {ids[sha]: path for sha, path in videos.items()})
             by_backend: dict[str, list[FeatureRecipe]] = {}
             for f in self.recipe.features:
                 by_backend.setdefault(f.decode_backend, []).append(f)
@@ -160,7 +162,8 @@ class FeatureCache:
                 with make_progress() as progress:
                     bar = progress.add_task(f"decode ({backend})", total=len(videos))
                     summary = decode_all({ids[sha]: path for sha, path in videos.items()}, store.root, protocols,
-                                         workers=1, backend=backend, on_result=lambda *_, bar=bar: progress.advance(bar))
+                                         workers=1, backend=backend, on_result=lambda *_, bar=bar: progress.advance(bar),
+                                         store_frames="none")
                 self.counters.decoded += summary.decoded
                 if summary.failed:
                     sha = next(s for s in videos if ids[s] in summary.failed)
@@ -191,11 +194,13 @@ class FeatureCache:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _extract_one(self, f: FeatureRecipe, ext: tuple, store: FrameStore, vid: str, work: Path,
+    def _extract_one(self, f: FeatureRecipe, ext: tuple, store: ReplaySource, vid: str, work: Path,
                      entry: Path) -> None:
         extractor, model, weights = ext
         npy_dir = work / "npy" / f"{f.extractor}-{vid}"
-        extract_videos(extractor, model, self.device, store, [vid], npy_dir, weights)
+        summary = extract_videos(extractor, model, self.device, store, [vid], npy_dir, weights)
+        if summary.failed:
+            raise VideoError(f"{store.videos[vid]}: cannot decode the video: {summary.failed[vid]}")
         merged = entry / f"{f.extractor}.h5" if f.pca else entry / f"{f.name}.h5"
         merge_to_hdf5(npy_dir, merged, dtype=f.merge.get("dtype", "float32"),
                       compression=f.merge.get("compression", "none"), layout=f.merge.get("layout", "flat"),

@@ -130,3 +130,21 @@ def test_c3d_clips(workspace):
     # native frames 42, 39, 24, 66; 16-frame snippets every 16, full snippets only: (N - 16) // 16 + 1
     assert {v: f.shape for v, f in feats.items()} == {"v25": (2, 4096), "v2997": (2, 4096), "v30": (1, 4096), "v60": (4, 4096)}
     assert all((f >= 0).all() for f in feats.values())  # fc6 is post-ReLU
+
+
+def test_dense_frames_are_replayed_not_stored(workspace):
+    """The default `decode.store_frames: sparse` writes no frame of these 24-30 fps protocols (only
+    each video's plan): extract replays the plan from the videos. With every frame stored, the same
+    features, byte for byte."""
+    assert list((workspace / "frames").rglob("*.npy")) == []
+    replayed = workspace / "npy_replayed" / "slowfast"
+    extract(workspace, "slowfast", npy="npy_replayed")
+    stored_frames = workspace / "frames_all"
+    invoke("decode", "--params", str(workspace / "params.yaml"),
+           "--set", f"decode.out_dir={stored_frames}", "--set", "decode.store_frames=all")
+    assert len(list(stored_frames.rglob("*.npy"))) == len(VIDEOS) * 3  # slowfast = i3d_r50's protocol
+    extract(workspace, "slowfast", f"decode.out_dir={stored_frames}", npy="npy_stored")
+    stored = workspace / "npy_stored" / "slowfast"
+    for vid in VIDEOS:
+        for name in (f"{vid}.npy", f"{vid}.json"):
+            assert (replayed / name).read_bytes() == (stored / name).read_bytes()
