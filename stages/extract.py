@@ -26,6 +26,13 @@ def build(extractor) -> tuple[torch.nn.Module, str]:
     return model.eval(), record
 
 
+def load_model(extractor, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The seeded build on `device`: the same model in every process that loads it (Ray actors too)."""
+    torch.manual_seed(extractor.config.seed)
+    model, record = build(extractor)
+    return extractor.to_device(model, device), record
+
+
 def run(params: Params, source: str, feature: str, shard: str | None = None, **_: object) -> None:
     if feature not in EXTRACTORS:
         raise ParamsError(f"--feature {feature}: unknown extractor; expected one of {EXTRACTORS.names()}")
@@ -55,18 +62,12 @@ def run(params: Params, source: str, feature: str, shard: str | None = None, **_
     ids = shard_of(all_ids, index, count)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    model, weights = build(extractor)
-    model = extractor.to_device(model, device)
-
     out_dir = Path(params.merge.npy_dir) / feature
+    engine = _run_on_ray if params.extract.engine == "ray" else _run_here
     with make_progress() as progress:
         bar = progress.add_task(f"extract {feature} [{index}/{count}]", total=len(ids))
-        summary = extract_videos(
-            extractor, model, device, store, ids, out_dir, weights,
-            all_video_ids=all_ids, progress=lambda: progress.advance(bar),
-        )
+        summary, weights, facts = engine(
+            params, source, extractor, store, ids, out_dir, all_ids, progress=lambda: progress.advance(bar))
     decode_record = read_record(store.root)
     record = make_record(
         f"extract-{feature}",
@@ -77,7 +78,8 @@ def run(params: Params, source: str, feature: str, shard: str | None = None, **_
             "extractor": extractor.describe(),
             "decoder": None if decode_record is None else decode_record.get("decoder"),
             "shard": [index, count],
-            "device_type": device.type,
+            "engine": params.extract.engine,
+            **facts,
             "torch": torch.__version__,
         },
         code=stage_code("extract", [EXTRACTORS.get(feature)]),
@@ -90,3 +92,34 @@ def run(params: Params, source: str, feature: str, shard: str | None = None, **_
         f"extract {feature}: shard {index}/{count}: {summary.videos} videos, {summary.computed} computed, "
         f"{summary.skipped} already done; {summary.units} units in {summary.seconds_model:.1f} s of model time"
     )
+
+
+def _run_here(params, source, extractor, store, ids, out_dir, all_ids, progress):
+    """The local engine: the model in this process. -> (summary, weights record, provenance facts)."""
+    device = resolve_device(extractor.config.device)
+    model, weights = load_model(extractor, device)
+    summary = extract_videos(extractor, model, device, store, ids, out_dir, weights,
+                             all_video_ids=all_ids, progress=progress)
+    return summary, weights, {"device_type": device.type}
+
+
+def _run_on_ray(params, source, extractor, store, ids, out_dir, all_ids, progress):
+    """The Ray engine (docs/cluster.md): decode tasks on CPU workers, the model in actors."""
+    try:
+        import ray
+    except ImportError:
+        raise ParamsError(
+            f"{source}: key 'extract.engine': 'ray' needs Ray, which is not installed: "
+            f"pip install -e '.[ray]' (or set extract.engine: local)"
+        ) from None
+    from pipeline.media.ray_engine import RayOptions, extract_videos_ray
+
+    cfg = extractor.config
+    # checked here once; each actor checks that its copy of the file is the same
+    weights = weights_record(cfg.weights, cfg.weights_sha256)
+    summary, device_types = extract_videos_ray(
+        extractor, load_model, weights, store, ids, out_dir, RayOptions(**params.ray.model_dump()),
+        all_video_ids=all_ids, progress=progress,
+    )
+    facts = {"device_type": ",".join(device_types), "ray": {"version": ray.__version__, "actors": params.ray.actors}}
+    return summary, weights, facts
