@@ -67,3 +67,18 @@ def load_model(extractor, device):
     """As stages/extract.py::load_model (seeded build on `device`), for an extractor outside the registry."""
     torch.manual_seed(extractor.config.seed)
     return extractor.build_model().eval().to(device), "random"
+
+
+def register(monkeypatch) -> None:
+    """Make `tiny` a registered extractor for CLI tests. Its code lives in tests/, outside the
+    project, so the stages' code-dependency lists (provenance) leave it out."""
+    import stages.decode
+    import stages.extract
+    from extractors import EXTRACTORS
+    from pipeline.core.codedeps import stage_code
+
+    EXTRACTORS.names()  # the real ones first
+    monkeypatch.setitem(EXTRACTORS._members, "tiny", Tiny)
+    project_only = lambda stage, members=(): stage_code(stage, [m for m in members if m is not Tiny])  # noqa: E731
+    for module in (stages.decode, stages.extract):
+        monkeypatch.setattr(module, "stage_code", project_only)
