@@ -117,6 +117,7 @@ def _run_on_ray(params, source, extractor, store, ids, out_dir, all_ids, progres
     cfg = extractor.config
     # checked here once; each actor checks that its copy of the file is the same
     weights = weights_record(cfg.weights, cfg.weights_sha256)
+    store = FrameStore(Path(store.root).resolve())  # the same path for workers on other nodes
     summary, device_types = extract_videos_ray(
         extractor, load_model, weights, store, ids, out_dir, RayOptions(**params.ray.model_dump()),
         all_video_ids=all_ids, progress=progress,
