@@ -110,7 +110,8 @@ def _user_error(e: BaseException) -> BaseException | None:
 
 
 def actor_name(extractor, index: int) -> str:
-    """Actors are named (in the job's namespace) so that operators and tests can find them."""
+    """Actors are named so that operators and tests can find them; each `vmr extract` is its own Ray
+    job, whose (anonymous) namespace holds the names."""
     return f"vmr-extract-{extractor.name}-{index}"
 
 
@@ -134,8 +135,11 @@ class RayEngine:
             ).remote(extractor, make_model, weights, threads)
             for i in range(options.actors)
         ]
-        # waits for every model: a failed build is reported here, before any video
-        self.device_types = sorted(set(self.get([a.ready.remote() for a in self.actors])))
+        try:  # waits for every model: a failed build is reported here, before any video
+            self.device_types = sorted(set(self.get([a.ready.remote() for a in self.actors])))
+        except BaseException:
+            self.close()
+            raise
         self.passes = 0
 
     def load(self, vid: str):

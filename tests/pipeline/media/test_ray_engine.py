@@ -3,6 +3,7 @@ worker or a model actor dies mid-run, on resume, and with the driver's weights o
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,16 @@ def test_an_actor_with_other_weights_than_the_driver_fails_clearly(ray, store, t
     with pytest.raises(RayWeightsError, match="differ from the driver's"):
         run_ray(store, tmp_path, Tiny(CONFIG), weights="0" * 64)
     assert not any(tmp_path.glob("*.npy"))
+
+
+def test_a_missing_frames_file_is_the_local_engines_error(ray, store, tmp_path):
+    broken = FrameStore(tmp_path / "frames")
+    shutil.copytree(store.root, broken.root)
+    broken.frames_path(PROTOCOL.key, "v2").unlink()
+    ex = Tiny(CONFIG)
+    model, _ = load_model(ex, torch.device("cpu"))
+    with pytest.raises(FileNotFoundError) as local_error:
+        extract_videos(ex, model, torch.device("cpu"), broken, broken.video_ids(PROTOCOL.key), tmp_path / "a", "random")
+    with pytest.raises(FileNotFoundError) as ray_error:  # the worker's error itself, not Ray's wrapper
+        run_ray(broken, tmp_path / "b", ex)
+    assert type(ray_error.value) is FileNotFoundError and str(ray_error.value) == str(local_error.value)
