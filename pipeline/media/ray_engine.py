@@ -4,14 +4,15 @@ The driver (this process) runs the same batch plan as the local engine (`run_pla
 file itself; Ray runs the work:
 
 - per video, a task on a CPU worker runs `video_units` (read the frames, group them into the
-  extractor's units, materialise lazy units) and leaves the units in Ray's object store; the driver
-  fetches only their shapes and windows, which is all the plan needs.
+  extractor's units) and streams the units into Ray's object store in chunks of `batch_size` units,
+  materialising lazy units chunk by chunk; the driver fetches only the units' shapes and windows,
+  which is all the plan needs, and hands chunk refs to the actors.
 - each forward pass goes to an actor of a pool that built the extractor's model once (one actor per
   GPU, or CPU actors). The actor gathers the pass's units from the object store with `pass_input`
   and runs `forward`, as the local engine does: the same batches, the same arrays, the same torch
   threads, so the same bytes.
 - bounded: `videos_ahead` decode tasks run ahead of the plan, and at most two batches per actor
-  wait for their forward passes.
+  wait for their forward passes (Ray's object store spills to disk beyond its size).
 - a worker that dies is replaced: Ray re-runs its decode task (max_retries), restarts a dead actor
   (max_restarts; it builds the same seeded model again) and re-sends the passes it held
   (max_task_retries).
@@ -58,12 +59,36 @@ class RayWeightsError(VmrError):
     """An actor loaded other weights than the driver checked (a different file on another node)."""
 
 
-def decode_units(source, extractor, vid: str):
-    """Ray task body: ((unit shapes, windows), units) of one video, the units as plain arrays."""
+def decode_units(source, extractor, vid: str, chunk: int):
+    """Ray task body (a generator): (unit shapes, windows) of one video, then its units in chunks of
+    `chunk` units as plain arrays. Lazy units (LazySnippets) gather and resize their frames here, one
+    chunk at a time, so the worker never holds a whole video, and the first chunk can run before the
+    video is done."""
     units, windows = video_units(source, extractor, vid)
-    # lazy units (LazySnippets) gather and resize their frames here, on the worker
-    units = [np.asarray(u) for u in units] if isinstance(units, list) else np.asarray(units)
-    return (unit_shapes(units), np.asarray(windows)), units
+    yield unit_shapes(units), np.asarray(windows)  # shapes without materialising lazy units
+    for start in range(0, len(units), chunk):
+        part = units[start : start + chunk]
+        yield [np.asarray(u) for u in part] if isinstance(part, list) else np.asarray(part)
+
+
+class Chunks:
+    """The driver's view of a video's units: the refs of the chunks its decode task has yielded,
+    taken from the task's generator as passes need them."""
+
+    def __init__(self, generator, chunk: int):
+        self.generator, self.chunk, self.refs = generator, chunk, []
+
+    def segments(self, start: int, stop: int) -> list[tuple[object, int, int]]:
+        """(chunk ref, start, stop) within each chunk that covers units [start, stop)."""
+        out = []
+        while start < stop:
+            index, offset = divmod(start, self.chunk)
+            while len(self.refs) <= index:
+                self.refs.append(next(self.generator))
+            end = min(stop - start, self.chunk - offset)
+            out.append((self.refs[index], offset, offset + end))
+            start += end
+        return out
 
 
 class ModelActor:
@@ -124,7 +149,8 @@ class RayEngine:
         self.ray, self.extractor, self.source = ray, extractor, source
         self.ahead = options.videos_ahead
         self.in_flight = 2 * options.actors  # each actor has the next pass queued while it runs one
-        self.decode = ray.remote(decode_units).options(num_returns=2, num_cpus=options.cpus_per_decode,
+        self.chunk = extractor.config.batch_size
+        self.decode = ray.remote(decode_units).options(num_cpus=options.cpus_per_decode,
                                                        max_retries=options.max_restarts)
         actor = ray.remote(ModelActor)
         threads = torch.get_num_threads()
@@ -143,17 +169,19 @@ class RayEngine:
         self.passes = 0
 
     def load(self, vid: str):
-        return self.decode.remote(self.source, self.extractor, vid)
+        return self.decode.remote(self.source, self.extractor, vid, self.chunk)
 
-    def loaded(self, handle) -> Loaded:
-        meta, units = handle
-        shapes, windows = self.get(meta)
-        return Loaded(units, shapes, windows)
+    def loaded(self, generator) -> Loaded:
+        shapes, windows = self.get(next(generator))
+        return Loaded(Chunks(generator, self.chunk), shapes, windows)
 
     def forward(self, parts: list[tuple]):
+        # the pass's units as slices of chunks, in order: concatenated, the same array as the local
+        # engine's (pass_input of the pieces)
+        segments = [seg for chunks, start, stop in parts for seg in chunks.segments(start, stop)]
         actor = self.actors[self.passes % len(self.actors)]  # passes are alike: round robin
         self.passes += 1
-        return actor.forward.remote([(start, stop) for _, start, stop in parts], *(u for u, _, _ in parts))
+        return actor.forward.remote([(a, b) for _, a, b in segments], *(ref for ref, _, _ in segments))
 
     def result(self, handle) -> tuple[np.ndarray, float]:
         return self.get(handle)

@@ -16,7 +16,13 @@ from extractors._base import ExtractorConfig
 from pipeline.media.decode import decode_all, list_videos
 from pipeline.media.extract import extract_videos
 from pipeline.media.framestore import FrameStore
-from pipeline.media.ray_engine import RayOptions, RayWeightsError, actor_name, extract_videos_ray
+from pipeline.media.ray_engine import (
+    Chunks,
+    RayOptions,
+    RayWeightsError,
+    actor_name,
+    extract_videos_ray,
+)
 
 CONFIG = ExtractorConfig(batch_size=3, device="cpu")
 # two actors that reserve no CPU: both of the instance's CPUs run decode tasks
@@ -120,3 +126,18 @@ def test_a_missing_frames_file_is_the_local_engines_error(ray, store, tmp_path):
     with pytest.raises(FileNotFoundError) as ray_error:  # the worker's error itself, not Ray's wrapper
         run_ray(broken, tmp_path / "b", ex)
     assert type(ray_error.value) is FileNotFoundError and str(ray_error.value) == str(local_error.value)
+
+
+def test_chunks_map_a_piece_to_slices_of_the_chunks_that_cover_it():
+    taken = []
+
+    def generator():  # stands for a decode task's refs: chunks of 3 units
+        for name in "abcd":
+            taken.append(name)
+            yield name
+
+    chunks = Chunks(generator(), chunk=3)
+    assert chunks.segments(1, 2) == [("a", 1, 2)] and taken == ["a"]  # taken only when needed
+    assert chunks.segments(2, 8) == [("a", 2, 3), ("b", 0, 3), ("c", 0, 2)]
+    assert chunks.segments(9, 10) == [("d", 0, 1)] and taken == list("abcd")
+    assert chunks.segments(4, 4) == []
