@@ -55,6 +55,10 @@ class RayOptions:
     max_restarts: int = 3  # per actor, and retries per task
 
 
+class RayConnectError(VmrError):
+    """No Ray cluster answers at `ray.address`."""
+
+
 class RayWeightsError(VmrError):
     """An actor loaded other weights than the driver checked (a different file on another node)."""
 
@@ -212,7 +216,11 @@ def connect(options: RayOptions) -> bool:
     if options.address is None:
         ray.init(num_cpus=options.num_cpus, include_dashboard=False, log_to_driver=False)
     else:
-        ray.init(address=options.address, log_to_driver=False)
+        try:
+            ray.init(address=options.address, log_to_driver=False)
+        except ConnectionError as e:
+            raise RayConnectError(f"cannot connect to the Ray cluster at {options.address!r} (params "
+                                  f"`ray.address`): {str(e).splitlines()[0]}") from None
     return True
 
 
