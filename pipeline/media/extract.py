@@ -176,8 +176,8 @@ def forward(extractor, model, device: torch.device, units: np.ndarray) -> tuple[
 
 @dataclass
 class Loaded:
-    """A video's units as an engine holds them (an array, a list of arrays, or a handle to them in
-    another process), with what the driver needs to plan: every unit's shape and the windows."""
+    """A video's units as an engine holds them (an array, a list of arrays, or handles to them in
+    other processes), with what the driver needs to plan: every unit's shape and the windows."""
 
     units: object
     shapes: list[tuple]
@@ -207,6 +207,10 @@ class LocalEngine:
 
     def result(self, handle: tuple[np.ndarray, float]) -> tuple[np.ndarray, float]:
         return handle
+
+    def failure(self, vid: str) -> str | None:
+        """Why the frames of a loaded video could not be read, if its source reports it."""
+        return self.source.failure(vid) if hasattr(self.source, "failure") else None
 
     def close(self) -> None:
         self.threads.shutdown(cancel_futures=True)
@@ -268,6 +272,7 @@ class ExtractSummary:
     skipped: int
     units: int  # model inputs run in this invocation (incl. recomputed ones of finished videos)
     seconds_model: float
+    failed: dict[str, str] = field(default_factory=dict)  # video id -> why its frames could not be read
 
 
 def extract_videos(
@@ -327,6 +332,7 @@ def run_plan(
 
     computed = units_run = 0
     model_seconds = 0.0
+    failed: dict[str, str] = {}
 
     def finish(batch: list[Piece], passes: list[tuple[list[Piece], object]]) -> None:
         """Collect the rows of a batch's forward passes, then write the videos it completes."""
@@ -342,11 +348,16 @@ def run_plan(
             v = videos[p.video]
             if p.stop != v.unit_count:
                 continue
-            if not v.done:  # its last piece has run: the video is complete
+            # its last piece has run: the video is complete, unless its frames failed to be read
+            # (a source that reports failures instead of raising keeps the plan of the others)
+            reason = engine.failure(v.vid) if v.data is not None else None
+            if reason is not None and not v.done:
+                failed[v.vid] = reason
+            elif not v.done:
                 _write_video(out_dir, extractor, digest, v)
                 computed += 1
-                if progress:
-                    progress()
+            if progress and not v.done:
+                progress()
             v.data, v.rows = None, []
 
     loader = _Loader(videos, engine)
@@ -367,7 +378,7 @@ def run_plan(
     while waiting:
         finish(*waiting.popleft())
     skipped = sum(v.done for v in videos)
-    return ExtractSummary(len(videos), computed, skipped, units_run, model_seconds)
+    return ExtractSummary(len(videos), computed, skipped, units_run, model_seconds, failed)
 
 
 def _write_video(out_dir: Path, extractor, digest: str, v: _Video) -> None:

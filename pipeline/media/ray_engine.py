@@ -73,14 +73,23 @@ def decode_units(source, extractor, vid: str, chunk: int):
     for start in range(0, len(units), chunk):
         part = units[start : start + chunk]
         yield [np.asarray(u) for u in part] if isinstance(part, list) else np.asarray(part)
+    # last: why the frames could not be read, from a source that reports failures (known only now)
+    yield source.failure(vid) if hasattr(source, "failure") else None
 
 
 class Chunks:
     """The driver's view of a video's units: the refs of the chunks its decode task has yielded,
     taken from the task's generator as passes need them."""
 
-    def __init__(self, generator, chunk: int):
+    def __init__(self, generator, chunk: int, count: int):
         self.generator, self.chunk, self.refs = generator, chunk, []
+        self.count = -(-count // chunk)  # chunks the task yields before its last item
+
+    def last(self):
+        """The ref of the task's last item (after every chunk)."""
+        while len(self.refs) < self.count:
+            self.refs.append(next(self.generator))
+        return next(self.generator)
 
     def segments(self, start: int, stop: int) -> list[tuple[object, int, int]]:
         """(chunk ref, start, stop) within each chunk that covers units [start, stop)."""
@@ -154,6 +163,7 @@ class RayEngine:
         self.ahead = options.videos_ahead
         self.in_flight = 2 * options.actors  # each actor has the next pass queued while it runs one
         self.chunk = extractor.config.batch_size
+        self.chunks: dict[str, Chunks] = {}  # of the loaded videos, until their failure() is read
         self.decode = ray.remote(decode_units).options(num_cpus=options.cpus_per_decode,
                                                        max_retries=options.max_restarts)
         actor = ray.remote(ModelActor)
@@ -173,11 +183,17 @@ class RayEngine:
         self.passes = 0
 
     def load(self, vid: str):
-        return self.decode.remote(self.source, self.extractor, vid, self.chunk)
+        return vid, self.decode.remote(self.source, self.extractor, vid, self.chunk)
 
-    def loaded(self, generator) -> Loaded:
+    def loaded(self, handle) -> Loaded:
+        vid, generator = handle
         shapes, windows = self.get(next(generator))
-        return Loaded(Chunks(generator, self.chunk), shapes, windows)
+        self.chunks[vid] = Chunks(generator, self.chunk, len(shapes))
+        return Loaded(self.chunks[vid], shapes, windows)
+
+    def failure(self, vid: str) -> str | None:
+        """The source's failure report for a loaded video, from its decode task's last item."""
+        return self.get(self.chunks.pop(vid).last())
 
     def forward(self, parts: list[tuple]):
         # the pass's units as slices of chunks, in order: concatenated, the same array as the local

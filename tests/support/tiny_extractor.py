@@ -13,6 +13,7 @@ import signal
 import torch
 
 from extractors._base import Extractor, SamplingProtocol
+from pipeline.media.framestore import FrameStore
 
 PROTOCOL = SamplingProtocol(rule="fps_filter", rate=4.0, short_side=8, crop=8)
 
@@ -82,3 +83,15 @@ def register(monkeypatch) -> None:
     project_only = lambda stage, members=(): stage_code(stage, [m for m in members if m is not Tiny])  # noqa: E731
     for module in (stages.decode, stages.extract):
         monkeypatch.setattr(module, "stage_code", project_only)
+
+
+class ReportingStore(FrameStore):
+    """A frame store that reports `broken` as failed (as a replaying source does for a video it could
+    not decode to the end) instead of raising."""
+
+    def __init__(self, root, broken: str):
+        super().__init__(root)
+        self.broken = broken
+
+    def failure(self, vid: str) -> str | None:
+        return "decoder error at frame 3 (test)" if vid == self.broken else None

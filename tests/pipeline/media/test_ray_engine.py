@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.ray_local import local_ray
-from support.tiny_extractor import PROTOCOL, Tiny, load_model
+from support.tiny_extractor import PROTOCOL, ReportingStore, Tiny, load_model
 from support.videos import write_video
 
 from extractors._base import ExtractorConfig
@@ -136,8 +136,21 @@ def test_chunks_map_a_piece_to_slices_of_the_chunks_that_cover_it():
             taken.append(name)
             yield name
 
-    chunks = Chunks(generator(), chunk=3)
+    chunks = Chunks(generator(), chunk=3, count=10)
     assert chunks.segments(1, 2) == [("a", 1, 2)] and taken == ["a"]  # taken only when needed
     assert chunks.segments(2, 8) == [("a", 2, 3), ("b", 0, 3), ("c", 0, 2)]
     assert chunks.segments(9, 10) == [("d", 0, 1)] and taken == list("abcd")
     assert chunks.segments(4, 4) == []
+
+
+def test_a_video_the_source_reports_as_failed_is_reported_not_written(ray, store, local, tmp_path):
+    source = ReportingStore(store.root, broken="v2")
+    ex = Tiny(CONFIG)
+    model, _ = load_model(ex, torch.device("cpu"))
+    ids = store.video_ids(PROTOCOL.key)
+    here = extract_videos(ex, model, torch.device("cpu"), source, ids, tmp_path / "local", "random")
+    on_ray, _ = run_ray(source, tmp_path / "ray", ex)
+    for summary in (here, on_ray):
+        assert summary.failed == {"v2": "decoder error at frame 3 (test)"} and summary.computed == 5
+    expected = {name: data for name, data in local.items() if not name.startswith("v2.")}
+    assert tree(tmp_path / "local") == tree(tmp_path / "ray") == expected
