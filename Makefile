@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# Idempotent and fast: re-installs only when pyproject.toml changed.
+# Idempotent and fast: re-installs only when pyproject.toml changed. The `ray` extra (the optional
+# extract engine) is installed too, so that `make test` runs its tests.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
 # dvc.yaml is generated from params.yaml and the code (`vmr dag`): regenerate, then run the DAG.

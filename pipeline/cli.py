@@ -142,14 +142,18 @@ def extract(
     set_: SetOpt = None,
     profile: ProfileOpt = None,
     shard: Annotated[str | None, typer.Option(help="i/n: process shard i of n (default: torchrun env or 0/1).")] = None,
+    engine: Annotated[str | None, typer.Option(
+        help="local or ray: sets `extract.engine` (Ray: params `ray.*`, docs/cluster.md).")] = None,
 ) -> None:
     """Extract per-video features with one extractor.
 
-    Reads: the frame store (`decode.out_dir`), params `extractors.<feature>`.
+    Reads: the frame store (`decode.out_dir`), params `extractors.<feature>`, `extract.engine`.
     Writes: `merge.npy_dir`/<feature>/<video_id>.npy (T, D) float32 + timestamps, provenance.
     """
     from stages import extract as stage
 
+    if engine is not None:  # validated with the params: a bad name is an error naming `extract.engine`
+        set_ = [*(set_ or []), f"extract.engine={engine}"]
     _run(params, set_, profile, stage, feature=feature, shard=shard)
 
 

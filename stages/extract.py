@@ -30,6 +30,13 @@ def build(extractor) -> tuple[torch.nn.Module, str]:
     return model.eval(), record
 
 
+def load_model(extractor, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The seeded build on `device`: the same model in every process that loads it (Ray actors too)."""
+    torch.manual_seed(extractor.config.seed)
+    model, record = build(extractor)
+    return extractor.to_device(model, device), record
+
+
 def run(params: Params, source: str, feature: str, shard: str | None = None, **_: object) -> None:
     if feature not in EXTRACTORS:
         raise ParamsError(f"--feature {feature}: unknown extractor; expected one of {EXTRACTORS.names()}")
@@ -49,7 +56,8 @@ def run(params: Params, source: str, feature: str, shard: str | None = None, **_
         raise ParamsError(str(e)) from None
 
     store = FrameStore(store_dir)
-    source = ReplaySource(store, params.dataset.video_dir, timeout_s=params.decode.timeout_s)
+    # stored frames are read, the others replayed from the videos (decode.store_frames)
+    frames = ReplaySource(store, params.dataset.video_dir, timeout_s=params.decode.timeout_s)
     key = extractor.protocol().key
     all_ids = store.video_ids(key)
     if not all_ids:
@@ -60,18 +68,12 @@ def run(params: Params, source: str, feature: str, shard: str | None = None, **_
     ids = shard_of(all_ids, index, count)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    model, weights = build(extractor)
-    model = extractor.to_device(model, device)
-
     out_dir = Path(params.merge.npy_dir) / feature
+    engine = _run_on_ray if params.extract.engine == "ray" else _run_here
     with make_progress() as progress:
         bar = progress.add_task(f"extract {feature} [{index}/{count}]", total=len(ids))
-        summary = extract_videos(
-            extractor, model, device, source, ids, out_dir, weights,
-            all_video_ids=all_ids, progress=lambda: progress.advance(bar),
-        )
+        summary, weights, facts = engine(
+            params, source, extractor, frames, ids, out_dir, all_ids, progress=lambda: progress.advance(bar))
     decode_record = read_record(store.root)
     record = make_record(
         f"extract-{feature}",
@@ -83,7 +85,8 @@ def run(params: Params, source: str, feature: str, shard: str | None = None, **_
             "decoder": None if decode_record is None else decode_record.get("decoder"),
             "shard": [index, count],
             "failed": dict(sorted(summary.failed.items())),
-            "device_type": device.type,
+            "engine": params.extract.engine,
+            **facts,
             "torch": torch.__version__,
         },
         code=stage_code("extract", [EXTRACTORS.get(feature)]),
@@ -105,3 +108,37 @@ def run(params: Params, source: str, feature: str, shard: str | None = None, **_
             f"extract {feature}: {len(summary.failed)}/{summary.videos} videos could not be replayed "
             f"({share:.1%} > decode.max_failure_share={params.decode.max_failure_share:g})"
         )
+
+
+def _run_here(params, source, extractor, frames, ids, out_dir, all_ids, progress):
+    """The local engine: the model in this process. -> (summary, weights record, provenance facts)."""
+    device = resolve_device(extractor.config.device)
+    model, weights = load_model(extractor, device)
+    summary = extract_videos(extractor, model, device, frames, ids, out_dir, weights,
+                             all_video_ids=all_ids, progress=progress)
+    return summary, weights, {"device_type": device.type}
+
+
+def _run_on_ray(params, source, extractor, frames, ids, out_dir, all_ids, progress):
+    """The Ray engine (docs/cluster.md): decode tasks on CPU workers, the model in actors."""
+    try:
+        import ray
+    except ImportError:
+        raise ParamsError(
+            f"{source}: key 'extract.engine': 'ray' needs Ray, which is not installed: "
+            f"pip install -e '.[ray]' (or set extract.engine: local)"
+        ) from None
+    from pipeline.media.ray_engine import RayOptions, extract_videos_ray
+
+    cfg = extractor.config
+    # checked here once; each actor checks that its copy of the file is the same
+    weights = weights_record(cfg.weights, cfg.weights_sha256)
+    # the same paths for workers on other nodes; each decode task replays its video's plan itself
+    frames = ReplaySource(Path(frames.root).resolve(), Path(params.dataset.video_dir).resolve(),
+                          timeout_s=params.decode.timeout_s)
+    summary, device_types = extract_videos_ray(
+        extractor, load_model, weights, frames, ids, out_dir, RayOptions(**params.ray.model_dump()),
+        all_video_ids=all_ids, progress=progress,
+    )
+    facts = {"device_type": ",".join(device_types), "ray": {"version": ray.__version__, "actors": params.ray.actors}}
+    return summary, weights, facts

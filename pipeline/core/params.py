@@ -133,6 +133,31 @@ class MergeParams(Section):
     export_npz_dir: str | None = None  # also write Moment-DETR-style <vid>.npz {"features"} here
 
 
+class ExtractParams(Section):
+    """`vmr extract`: where the batch plan runs. Both engines write the same bytes."""
+
+    engine: Literal["local", "ray"] = "local"  # ray: the optional extra (pip install -e '.[ray]')
+
+
+class RayParams(Section):
+    """`extract.engine: ray` (pipeline/media/ray_engine.py, docs/cluster.md)."""
+
+    address: str | None = None  # null: start a local Ray instance; else a cluster's ("auto", host:port)
+    num_cpus: Annotated[int, Field(ge=1)] | None = None  # CPUs of a local instance; null: the machine's
+    actors: Count = 1  # model actors per extractor: one per GPU
+    gpus_per_actor: NonNegative = 0.0  # 1 on a GPU cluster
+    cpus_per_actor: NonNegative = 1.0
+    cpus_per_decode: Positive = 1.0  # CPUs each decode task (load + group one video) reserves
+    videos_ahead: Count = 8  # decode tasks running ahead of the batch plan (bounds memory)
+    max_restarts: NonNegativeInt = 3  # of a dead actor, and retries of a task whose worker died
+
+    @model_validator(mode="after")
+    def _local_only(self) -> RayParams:
+        if self.address is not None and self.num_cpus is not None:
+            raise ValueError("num_cpus sizes a local instance; a cluster at `address` has its own")
+        return self
+
+
 class ImportParams(Section):
     """`imports.<name>`: a published feature file read in as `merge.out_dir`/<name>.h5 (docs/import.md).
 
@@ -197,6 +222,8 @@ class Params(Section):
     decode: DecodeParams = DecodeParams()
     features: list[str] = Field(default_factory=lambda: ["clip"])
     extractors: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    extract: ExtractParams = ExtractParams()
+    ray: RayParams = RayParams()
     merge: MergeParams = MergeParams()
     # published feature files read in as features/<name>.h5; an imported name is never extracted
     imports: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")], ImportParams] = Field(

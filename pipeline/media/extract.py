@@ -28,7 +28,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,53 +146,120 @@ def split_by_shape(batch: list[Piece], unit_shapes: list[list[tuple]]) -> list[l
 # -- running the plan ------------------------------------------------------------------------------
 
 
+def video_units(source, extractor, vid: str) -> tuple:
+    """(units, windows) of one video: its frames from `source` grouped into the extractor's units.
+
+    `source` is anything with the FrameStore reading interface (`read_record`, `load`, `video_ids`).
+    Module-level and picklable: the local engine calls it in threads, the Ray engine in tasks."""
+    vf = source.load(vid, extractor.protocol().key)
+    record = source.read_record(vid) or {}
+    info = VideoInfo(vid, fps=record.get("native_fps") or 0.0, duration=record.get("stream_duration"))
+    return extractor.group(vf.frames, vf.windows, video=info)
+
+
+def unit_shapes(units) -> list[tuple]:
+    """The shape of every unit of a video (or of a slice of its units)."""
+    if isinstance(units, list):  # units of different shapes (e.g. LGI's I3D chunks)
+        return [np.shape(u) for u in units]
+    return [np.shape(units)[1:]] * len(units)
+
+
+def pass_input(parts: Iterable[tuple]) -> np.ndarray:
+    """The input of one forward pass: the units [start, stop) of each (units, start, stop), stacked.
+
+    Both engines build it with this function, so the model sees the same array."""
+    return np.concatenate([_as_array(units[start:stop]) for units, start, stop in parts])
+
+
+def forward(extractor, model, device: torch.device, units: np.ndarray) -> tuple[np.ndarray, float]:
+    """One forward pass: (rows, seconds of model time)."""
+    t0 = time.perf_counter()
+    out = _forward(extractor, model, device, units)
+    return out, time.perf_counter() - t0
+
+
+@dataclass
+class Loaded:
+    """A video's units as an engine holds them (an array, a list of arrays, or handles to them in
+    other processes), with what the driver needs to plan: every unit's shape and the windows."""
+
+    units: object
+    shapes: list[tuple]
+    windows: np.ndarray
+
+
+class LocalEngine:
+    """Units loaded ahead in threads (np.load and group release the GIL for I/O and copies), so the
+    model does not wait on the disk; each forward pass runs here when it is planned."""
+
+    ahead = 4  # videos loaded ahead, counting the current one
+    in_flight = 0  # planned batches that may wait for their forward passes: none
+
+    def __init__(self, extractor, model: torch.nn.Module, device: torch.device, source):
+        self.extractor, self.model, self.device, self.source = extractor, model, device, source
+        self.threads = ThreadPoolExecutor(max_workers=2)
+
+    def load(self, vid: str) -> Future:
+        return self.threads.submit(video_units, self.source, self.extractor, vid)
+
+    def loaded(self, handle: Future) -> Loaded:
+        units, windows = handle.result()
+        return Loaded(units, unit_shapes(units), windows)
+
+    def forward(self, parts: list[tuple]) -> tuple[np.ndarray, float]:
+        return forward(self.extractor, self.model, self.device, pass_input(parts))
+
+    def result(self, handle: tuple[np.ndarray, float]) -> tuple[np.ndarray, float]:
+        return handle
+
+    def failure(self, vid: str) -> str | None:
+        """Why the frames of a loaded video could not be read, if its source reports it."""
+        return self.source.failure(vid) if hasattr(self.source, "failure") else None
+
+    def close(self) -> None:
+        self.threads.shutdown(cancel_futures=True)
+
+
 @dataclass
 class _Video:
     vid: str
     done: bool  # finished by an earlier run: its units run again only to fill a batch of other videos
     source_sha256: str | None  # the frames' identity (see the module docstring)
     unit_count: int | None  # known for finished videos (from the sidecar), else once loaded
-    data: tuple | None = None  # (units, windows) from extractor.group, while needed
+    data: Loaded | None = None  # while needed
     rows: list = field(default_factory=list)  # feature rows computed so far (unfinished videos)
 
 
 class _Loader:
-    """The grouped units of each video, loaded on first use. The next few unfinished videos are loaded
-    ahead in threads (np.load and group release the GIL for I/O and copies): the model does not wait
-    on the disk."""
+    """The units of each video, loaded on first use; the engine starts loading the next few
+    unfinished videos ahead."""
 
-    AHEAD = 4  # videos, counting the current one
-
-    def __init__(self, videos: list[_Video], load: Callable[[str], tuple], threads: ThreadPoolExecutor):
-        self.videos, self.load, self.threads = videos, load, threads
-        self.futures: dict[str, Future] = {}
+    def __init__(self, videos: list[_Video], engine):
+        self.videos, self.engine = videos, engine
+        self.pending: dict[str, object] = {}  # vid -> the engine's handle of a load under way
 
     def unit_count(self, pos: int) -> int:
         """Units of video `pos` (loading it if unfinished); starts loading the videos after it."""
-        for v in self.videos[pos : pos + self.AHEAD]:
-            if not v.done and v.vid not in self.futures and v.data is None:
-                self.futures[v.vid] = self.threads.submit(self.load, v.vid)
+        for v in self.videos[pos : pos + self.engine.ahead]:
+            if not v.done and v.vid not in self.pending and v.data is None:
+                self.pending[v.vid] = self.engine.load(v.vid)
         v = self.videos[pos]
         if v.unit_count is None:
-            self.units(v)
+            self.get(v)
         return v.unit_count
 
-    def units(self, v: _Video):
-        """The units of `v`: an array, or a list of arrays (units of different shapes)."""
+    def get(self, v: _Video) -> Loaded:
         if v.data is None:
-            future = self.futures.pop(v.vid, None)
-            v.data = future.result() if future is not None else self.load(v.vid)
-            v.unit_count = len(v.data[0])
-        return v.data[0]
+            handle = self.pending.pop(v.vid, None)
+            v.data = self.engine.loaded(handle if handle is not None else self.engine.load(v.vid))
+            v.unit_count = len(v.data.shapes)
+        return v.data
 
-    def piece(self, p: Piece):
-        return self.units(self.videos[p.video])[p.start : p.stop]
+    def shapes(self, p: Piece) -> list[tuple]:
+        return self.get(self.videos[p.video]).shapes[p.start : p.stop]
 
-
-def _unit_shapes(piece) -> list[tuple]:
-    if isinstance(piece, list):  # units of different shapes (e.g. LGI's I3D chunks)
-        return [np.shape(u) for u in piece]
-    return [np.shape(piece)[1:]] * len(piece)
+    def part(self, p: Piece) -> tuple:
+        return self.get(self.videos[p.video]).units, p.start, p.stop
 
 
 def _as_array(piece) -> np.ndarray:
@@ -199,21 +267,6 @@ def _as_array(piece) -> np.ndarray:
     if isinstance(piece, list):
         return np.stack([np.asarray(u) for u in piece])
     return np.asarray(piece)
-
-
-def _materialize(piece):
-    """A piece's units read once (a list of arrays stays a list): replayed frames are decoded once
-    per batch, forward only."""
-    return piece if isinstance(piece, list) else np.asarray(piece)
-
-
-def video_units(source, extractor, vid: str) -> tuple:
-    """(units, windows) of one video: its frames from `source` grouped by `extractor`. Module level
-    and picklable, so that any engine can call it where the frames are."""
-    vf = source.load(vid, extractor.protocol().key)
-    record = source.read_record(vid) or {}
-    info = VideoInfo(vid, fps=record.get("native_fps") or 0.0, duration=record.get("stream_duration"))
-    return extractor.group(vf.frames, vf.windows, video=info)
 
 
 @dataclass
@@ -237,8 +290,29 @@ def extract_videos(
     all_video_ids: list[str] | None = None,
     progress=None,
 ) -> ExtractSummary:
-    """Extract features of `video_ids` (one shard) into `out_dir`; see the module docstring. `store`
-    is the frame source (a FrameStore or a replay.ReplaySource)."""
+    """Extract features of `video_ids` (one shard) into `out_dir` in this process (the local engine)."""
+    engine = LocalEngine(extractor, model, device, store)
+    try:
+        return run_plan(engine, extractor, store, video_ids, out_dir, weights, all_video_ids, progress)
+    finally:  # an interrupted run leaves no decoder worker behind (replayed frames)
+        engine.close()
+        if hasattr(store, "close"):
+            store.close()
+
+
+def run_plan(
+    engine,
+    extractor,
+    store,
+    video_ids: list[str],
+    out_dir: str | Path,
+    weights: str,
+    all_video_ids: list[str] | None = None,
+    progress=None,
+) -> ExtractSummary:
+    """Run the batch plan of `video_ids` on `engine` (LocalEngine, or the Ray engine) and write the
+    per-video files here; see the module docstring. `engine` loads units (`load`/`loaded`) and runs
+    forward passes (`forward`/`result`); up to `engine.in_flight` planned batches wait for theirs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_own_temporaries(out_dir, video_ids)  # never another shard's files in flight
@@ -262,63 +336,60 @@ def extract_videos(
         )
         videos.append(_Video(vid, done, source, side["units"] if done else None))
 
-    try:
-        return _run(extractor, model, device, store, videos, out_dir, digest, progress)
-    finally:  # an interrupted run leaves no decoder worker behind (replayed frames)
-        if hasattr(store, "close"):
-            store.close()
-
-
-def _run(extractor, model, device, store, videos: list[_Video], out_dir: Path, digest: str,
-         progress) -> ExtractSummary:
     computed = units_run = 0
     model_seconds = 0.0
     failed: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=2) as threads:
-        loader = _Loader(videos, lambda vid: video_units(store, extractor, vid), threads)
-        counts = (loader.unit_count(pos) for pos in range(len(videos)))
-        for batch in plan_batches(counts, extractor.config.batch_size):
-            # a batch with any unfinished video runs whole (the same batches, the same numbers); the
-            # rows of its finished videos are dropped
-            if any(p.stop > p.start and not videos[p.video].done for p in batch):
-                # each piece read once (a video has one piece per batch); a forward pass slices them
-                held = {p.video: (p.start, _materialize(loader.piece(p))) for p in batch}
 
-                def cut(p: Piece, held=held):
-                    start, units = held[p.video]
-                    return units[p.start - start : p.stop - start]
+    def finish(batch: list[Piece], passes: list[tuple[list[Piece], object]]) -> None:
+        """Collect the rows of a batch's forward passes, then write the videos it completes."""
+        nonlocal computed, model_seconds
+        for forward_pass, handle in passes:
+            out, seconds = engine.result(handle)
+            model_seconds += seconds
+            cuts = np.cumsum([p.stop - p.start for p in forward_pass])[:-1]
+            for p, part in zip(forward_pass, np.split(out, cuts), strict=True):
+                if not videos[p.video].done:  # each unit gives (k, D) rows
+                    videos[p.video].rows.extend(o.reshape(-1, o.shape[-1]) for o in part)
+        for p in batch:
+            v = videos[p.video]
+            if p.stop != v.unit_count:
+                continue
+            # its last piece has run: the video is complete, unless its frames failed to be read
+            # (a source that reports failures instead of raising keeps the plan of the others)
+            reason = engine.failure(v.vid) if v.data is not None else None
+            if reason is not None and not v.done:
+                failed[v.vid] = reason
+            elif not v.done:
+                _write_video(out_dir, extractor, digest, v)
+                computed += 1
+            if progress and not v.done:
+                progress()
+            v.data, v.rows = None, []
 
-                shapes = [_unit_shapes(cut(p)) for p in batch]
-                for forward_pass in split_by_shape(batch, shapes):
-                    x = np.concatenate([_as_array(cut(p)) for p in forward_pass])
-                    t0 = time.perf_counter()
-                    out = _forward(extractor, model, device, x)
-                    model_seconds += time.perf_counter() - t0
-                    units_run += len(x)
-                    cuts = np.cumsum([p.stop - p.start for p in forward_pass])[:-1]
-                    for p, part in zip(forward_pass, np.split(out, cuts), strict=True):
-                        if not videos[p.video].done:  # each unit gives (k, D) rows
-                            videos[p.video].rows.extend(o.reshape(-1, o.shape[-1]) for o in part)
-            for p in batch:
-                v = videos[p.video]
-                if p.stop != v.unit_count:
-                    continue
-                reason = store.failure(v.vid) if hasattr(store, "failure") else None
-                if reason is not None and not v.done:  # its frames are zeros from the failure on
-                    failed[v.vid] = reason
-                elif not v.done:  # its last piece has run: the video is complete
-                    _write_video(out_dir, extractor, digest, v)
-                    computed += 1
-                if progress and not v.done:
-                    progress()
-                v.data, v.rows = None, []
+    loader = _Loader(videos, engine)
+    counts = (loader.unit_count(pos) for pos in range(len(videos)))
+    waiting: deque[tuple[list[Piece], list]] = deque()  # planned batches, oldest first
+    for batch in plan_batches(counts, extractor.config.batch_size):
+        passes = []
+        # a batch with any unfinished video runs whole (the same batches, the same numbers); the
+        # rows of its finished videos are dropped
+        if any(p.stop > p.start and not videos[p.video].done for p in batch):
+            shapes = [loader.shapes(p) for p in batch]
+            for forward_pass in split_by_shape(batch, shapes):
+                passes.append((forward_pass, engine.forward([loader.part(p) for p in forward_pass])))
+                units_run += sum(p.stop - p.start for p in forward_pass)
+        waiting.append((batch, passes))
+        while len(waiting) > engine.in_flight:
+            finish(*waiting.popleft())
+    while waiting:
+        finish(*waiting.popleft())
     skipped = sum(v.done for v in videos)
     return ExtractSummary(len(videos), computed, skipped, units_run, model_seconds, failed)
 
 
 def _write_video(out_dir: Path, extractor, digest: str, v: _Video) -> None:
     """<vid>.npy, then the sidecar that marks it done."""
-    units, windows = v.data
+    windows = v.data.windows
     feats = np.concatenate(v.rows, axis=0) if v.rows else np.zeros((0, extractor.dim), np.float32)
     if len(feats) != len(windows):
         raise RuntimeError(f"{extractor.name}: video {v.vid}: {len(feats)} feature rows but {len(windows)} windows")
@@ -329,7 +400,7 @@ def _write_video(out_dir: Path, extractor, digest: str, v: _Video) -> None:
             "video": v.vid,
             "feature": extractor.name,
             "dim": extractor.dim,
-            "units": int(len(units)),
+            "units": int(v.unit_count),
             "windows": np.round(windows, 6).tolist(),
             "frames": v.source_sha256,
             "extractor": digest,

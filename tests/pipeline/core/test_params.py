@@ -41,6 +41,9 @@ def test_repo_params_are_valid():
         ("features: [nosuchnet]\n", "features.0", "unknown extractor 'nosuchnet'"),
         ("models: [nosuchmodel]\n", "models.0", "unknown model 'nosuchmodel'"),
         ("bogus_top_level: 1\n", "bogus_top_level", "unknown key"),
+        ("extract:\n  engine: spark\n", "extract.engine", "'local' or 'ray'"),
+        ("ray:\n  actors: 0\n", "ray.actors", "greater than or equal to 1"),
+        ("ray:\n  address: auto\n  num_cpus: 4\n", "ray", "num_cpus sizes a local instance"),
     ],
 )
 def test_bad_params_exit_2_with_one_clear_message(tmp_path, yaml_text, key, expected):
