@@ -18,9 +18,15 @@ from support.videos import frame_image, write_video
 
 from extractors import EXTRACTORS
 from pipeline.media.decode import decode_all, list_videos
-from pipeline.media.extract import _materialize, extract_videos, video_units
+from pipeline.media.extract import extract_videos, video_units
 from pipeline.media.framestore import FrameStore
 from pipeline.media.replay import ReplayFrames, ReplaySource, SourceChanged
+
+
+def _materialize(piece):
+    """A piece's units read once, as `pass_input` reads them (a list of arrays stays a list)."""
+    return piece if isinstance(piece, list) else np.asarray(piece)
+
 
 # name -> reduced test config (sizes the networks allow); the protocols are the published ones
 EXTRACTOR_CONFIGS = {
