@@ -19,7 +19,7 @@ from models import MODELS
 from pipeline.core.codedeps import stage_code
 from pipeline.core.params import Params, ParamsError
 from pipeline.media.importers import resolve
-from pipeline.training.trainer import DataContext
+from pipeline.training.context import DataContext
 from stages.common import duration_files, frame_models
 from stages.train import annotation_files, data_context
 

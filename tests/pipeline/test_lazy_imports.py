@@ -1,5 +1,6 @@
 """Commands that do not run a network do not import torch (about 2 s of every run, more with
-open_clip): `vmr --help`, params validation of every extractor and model section, and `vmr decode`.
+open_clip): `vmr --help`, params validation of every extractor and model section, `vmr decode` and
+`vmr dag`.
 Checked in a fresh process, as users run them, by looking at `sys.modules` after the command."""
 
 from __future__ import annotations
@@ -54,3 +55,11 @@ def test_decode_validates_every_section_and_decodes_without_torch(tmp_path):
     assert run_cli(*common) == {"code": 0, "heavy": []}
     manifest = json.loads((tmp_path / "frames" / "manifest.json").read_text())
     assert manifest["videos"]["a"]["status"] == "ok"
+
+
+def test_dag_check_imports_no_torch(tmp_path):
+    """`vmr dag` reads every model's needs and every stage's code without importing any of it."""
+    out = tmp_path / "dvc.yaml"
+    assert run_cli("dag", "--out", str(out)) == {"code": 0, "heavy": []}
+    assert out.read_text() == (REPO / "dvc.yaml").read_text()
+    assert run_cli("dag", "--out", str(out), "--check") == {"code": 0, "heavy": []}
