@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # imported where used: `vmr decode` reads this module without
 class VggExtractor(Extractor):
     name = "vgg"
     dim = 4096
+    meta_build = True  # 138 M parameters: their random init costs seconds that loaded weights replace
 
     class Config(ExtractorConfig):
         fps: float = Field(8.0, gt=0)  # Charades official features: 8 fps
@@ -63,7 +64,7 @@ class VggExtractor(Extractor):
         torch.manual_seed(self.config.seed)
         return torchvision.models.vgg16(weights=None, num_classes=self.config.num_classes or 1000).eval()
 
-    def load_weights(self, model: torch.nn.Module, path: str) -> None:
+    def load_weights(self, model: torch.nn.Module, path: str, assign: bool = False) -> None:
         import torch
 
         state = read_vgg_state_dict(path)
@@ -75,8 +76,8 @@ class VggExtractor(Extractor):
                     f"{self.config.num_classes}"
                 )
             # fc8 is not part of fc7 features: resize the head to what the file holds (157 for Charades)
-            model.classifier[6] = torch.nn.Linear(4096, fc8.shape[0])
-        check_state_dict(model, state, path)
+            model.classifier[6] = torch.nn.Linear(4096, fc8.shape[0], device=model.classifier[6].weight.device)
+        check_state_dict(model, state, path, assign=assign)
 
     def preprocess(self, units: torch.Tensor) -> torch.Tensor:
         import torch
