@@ -118,19 +118,25 @@ class Extractor(ABC):
         """The model with the weights of `path`. With `meta_build`, the random init `build_model`
         would do (seconds for CLIP or VGG) is skipped: the model is built on the meta device and the
         file's tensors are assigned to it; anything the file did not set is an error, never garbage."""
-        import torch
-
         if not self.meta_build:
             model = self.build_model()
             self.load_weights(model, path)
             return model
-        with torch.device("meta"):
-            model = self.build_model()
+        model = self.build_empty()
         self.load_weights(model, path, assign=True)
         unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if unset:
             raise WeightsError(f"{path}: left {len(unset)} tensors of {type(self).__name__} unset: {unset[:5]}")
         return model
+
+    def build_empty(self) -> torch.nn.Module:
+        """The architecture on the meta device (no memory, no init), for `build_loaded` to fill. Override
+        to pass `device="meta"` to the layers where the network allows: `with torch.device("meta")`
+        intercepts every torch call in Python, and its first scalar product imports torch._dynamo."""
+        import torch
+
+        with torch.device("meta"):
+            return self.build_model()
 
     def to_device(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         """Move the model (override to change its dtype, e.g. fp16 weights on GPU)."""

@@ -72,6 +72,9 @@ class ClipExtractor(Extractor):
         torch.manual_seed(self.config.seed)
         return image_tower_vit_b_32().eval()
 
+    def build_empty(self) -> torch.nn.Module:
+        return image_tower_vit_b_32(device="meta").eval()
+
     def load_weights(self, model: torch.nn.Module, path: str, assign: bool = False) -> None:
         state = image_tower_state(read_clip_state_dict(path))
         check_state_dict(model, fit_to_model(state, model), path, assign=assign)

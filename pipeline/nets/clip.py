@@ -67,15 +67,16 @@ def clip_vit_b_32() -> torch.nn.Module:
     return open_clip.create_model(VIT_B_32, pretrained=None)
 
 
-def image_tower_vit_b_32() -> torch.nn.Module:
+def image_tower_vit_b_32(device: str | None = None) -> torch.nn.Module:
     """CLIP ViT-B/32's image tower alone, under the whole model's names (`visual.*`): what image
     features need, without the text tower's 38 M parameters to build (nor open_clip to import: see
-    `pipeline.nets.clip_vit`). A seeded random init draws the numbers `clip_vit_b_32()` draws first."""
+    `pipeline.nets.clip_vit`). A seeded random init draws the numbers `clip_vit_b_32()` draws first;
+    `device="meta"`: no memory, no init (for weights to be assigned)."""
     import torch
 
     from pipeline.nets.clip_vit import VisionTransformer
 
-    return torch.nn.ModuleDict({"visual": VisionTransformer()})
+    return torch.nn.ModuleDict({"visual": VisionTransformer(device=device)})
 
 
 def image_tower_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

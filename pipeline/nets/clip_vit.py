@@ -8,6 +8,9 @@ so every official weights file loads into it (`visual.*` of the whole model).
 Its seeded random init draws the same numbers in the same order as open_clip's `VisionTransformer`
 (modules are created in the same order with the same default inits), so features on random weights
 are byte-identical to those of the whole open_clip model's `encode_image`; the tests check both.
+`device="meta"` builds it with no memory and no init, for weights to be assigned to
+(`ClipExtractor.build_empty`); passed to each layer rather than set with `with torch.device("meta")`,
+whose Python-level interception imports torch._dynamo on the first scalar product (seconds).
 """
 
 from __future__ import annotations
@@ -32,15 +35,15 @@ class LayerNorm(nn.LayerNorm):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, device: str | None = None):
         super().__init__()
-        self.ln_1 = LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.ln_2 = LayerNorm(width)
+        self.ln_1 = LayerNorm(width, device=device)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True, device=device)
+        self.ln_2 = LayerNorm(width, device=device)
         self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
+        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width, device=device))
         self.mlp.add_module("gelu", QuickGELU())
-        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+        self.mlp.add_module("c_proj", nn.Linear(4 * width, width, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
@@ -49,9 +52,9 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int):
+    def __init__(self, width: int, layers: int, heads: int, device: str | None = None):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, device) for _ in range(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
@@ -63,17 +66,21 @@ class VisionTransformer(nn.Module):
     """Image (B, 3, S, S) -> (B, output_dim): the class token after the last block, normalised and projected."""
 
     def __init__(self, image_size: int = 224, patch_size: int = 32, width: int = 768, layers: int = 12,
-                 heads: int = 12, output_dim: int = 512):
+                 heads: int = 12, output_dim: int = 512, device: str | None = None):
         super().__init__()
         grid = image_size // patch_size
-        scale = width**-0.5
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
-        self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
-        self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+        def embedding(*shape: int) -> nn.Parameter:  # N(0, 1/width), or nothing at all on the meta device
+            empty = device == "meta"
+            return nn.Parameter(torch.empty(shape, device=device) if empty else width**-0.5 * torch.randn(shape))
+
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False, device=device)
+        self.class_embedding = embedding(width)
+        self.positional_embedding = embedding(grid * grid + 1, width)
+        self.ln_pre = LayerNorm(width, device=device)
+        self.transformer = Transformer(width, layers, heads, device)
+        self.ln_post = LayerNorm(width, device=device)
+        self.proj = embedding(width, output_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, grid*grid, width): one token per patch
