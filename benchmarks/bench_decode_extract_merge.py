@@ -219,7 +219,7 @@ def main() -> None:
     from extractors.clip import ClipExtractor
     from pipeline.media.decode import decode_all, list_videos
 
-    videos = list_videos(args.videos)
+    videos = {} if {"decode", "extract"} <= set(args.skip) else list_videos(args.videos)  # merge needs none
     if args.limit:
         videos = dict(list(videos.items())[: args.limit])
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vmr-bench-"))
@@ -229,7 +229,7 @@ def main() -> None:
                      "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     if "decode" not in args.skip:
         results["decode"] = bench_decode(videos, protocols, work, args.repeats, args.backends, args.recycle_after)
-    elif not (work / "frames" / "manifest.json").exists():
+    elif videos and not (work / "frames" / "manifest.json").exists():
         decode_all(videos, work / "frames", protocols, workers=2)
     if "extract" not in args.skip:
         results["extract"] = bench_extract(

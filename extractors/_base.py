@@ -24,10 +24,13 @@ devices, AMP, sharding, atomic writes, resume, provenance):
    CPU; `unit_windows` is (R, 2) float64 seconds, one (start, end) per OUTPUT ROW (the feature
    timestamps written next to the .npy); R = T unless `embed` gives several rows per unit.
 3. `build_model()` -> nn.Module: the architecture with seeded random init (no downloads ever).
-4. `load_weights(model, path)`: load one official checkpoint format from a local file; raise
-   `WeightsError` naming the file and the missing/unexpected keys (`torch_load`, `unwrap_state_dict`
-   and `check_state_dict` do so). The caller checks sha256 and records it (or "random" when no
-   weights are configured) in the provenance.
+   Build only what `embed` uses (CLIP: the image tower).
+4. `load_weights(model, path, assign=False)`: load one official checkpoint format from a local file;
+   raise `WeightsError` naming the file and the missing/unexpected keys (`torch_load`,
+   `unwrap_state_dict` and `check_state_dict` do so). The caller checks sha256 and records it (or
+   "random" when no weights are configured) in the provenance. `build_loaded(path)` is what the
+   stages call with weights: extractors that set `meta_build` are built on the meta device (no random
+   init to pay for, no memory) and `load_weights(..., assign=True)` puts the file's tensors in place.
 5. `preprocess(units)` then `embed(model, x)`: `preprocess` gets a uint8 batch (B, ..., H, W, 3)
    already on the model's device and returns the float input (value range, mean/std, channel order,
    layout); `embed` returns (B, D) features, or (B, k, D) for k rows per unit (rows are kept in
@@ -41,10 +44,9 @@ Outputs are then float32 (T, D) per video, whatever the compute dtype.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from pipeline.core.params import Section
@@ -62,6 +64,9 @@ from pipeline.nets.checkpoints import (  # noqa: F401
     torch_load,
     unwrap_state_dict,
 )
+
+if TYPE_CHECKING:  # an extractor's module never imports torch at its top: `vmr decode` and params
+    import torch  # validation read its Config and protocol without paying for torch's import
 
 
 class ExtractorConfig(Section):
@@ -82,6 +87,8 @@ class Extractor(ABC):
     name: ClassVar[str]
     dim: ClassVar[int]
     Config: ClassVar[type[ExtractorConfig]] = ExtractorConfig
+    # build_loaded builds on the meta device: load_weights(assign=True) sets every tensor of the model
+    meta_build: ClassVar[bool] = False
 
     def __init__(self, config: ExtractorConfig | None = None):
         self.config = config if config is not None else self.Config()
@@ -105,7 +112,31 @@ class Extractor(ABC):
     def build_model(self) -> torch.nn.Module: ...
 
     @abstractmethod
-    def load_weights(self, model: torch.nn.Module, path: str) -> None: ...
+    def load_weights(self, model: torch.nn.Module, path: str, assign: bool = False) -> None: ...
+
+    def build_loaded(self, path: str) -> torch.nn.Module:
+        """The model with the weights of `path`. With `meta_build`, the random init `build_model`
+        would do (seconds for CLIP or VGG) is skipped: the model is built on the meta device and the
+        file's tensors are assigned to it; anything the file did not set is an error, never garbage."""
+        if not self.meta_build:
+            model = self.build_model()
+            self.load_weights(model, path)
+            return model
+        model = self.build_empty()
+        self.load_weights(model, path, assign=True)
+        unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if unset:
+            raise WeightsError(f"{path}: left {len(unset)} tensors of {type(self).__name__} unset: {unset[:5]}")
+        return model
+
+    def build_empty(self) -> torch.nn.Module:
+        """The architecture on the meta device (no memory, no init), for `build_loaded` to fill. Override
+        to pass `device="meta"` to the layers where the network allows: `with torch.device("meta")`
+        intercepts every torch call in Python, and its first scalar product imports torch._dynamo."""
+        import torch
+
+        with torch.device("meta"):
+            return self.build_model()
 
     def to_device(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         """Move the model (override to change its dtype, e.g. fp16 weights on GPU)."""

@@ -14,12 +14,14 @@ import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from pipeline.media.sampling import VideoInfo
+
+if TYPE_CHECKING:  # imported where used: `vmr decode` reads this module without torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ def hero_fast_positions(source_fps: float, snippet_frames: int, target_fps: int 
     although the frames were already resampled to target_fps (HERO's quirk, kept on purpose):
     float32 linspace from 0 to span - 1, clamped to the snippet, truncated to int.
     """
+    import torch
+
     fps = math.floor(source_fps)
     span = num_frames * sampling_rate * fps / target_fps
     pos = torch.linspace(0, span - 1, num_frames, device="cpu")  # float32, as HERO computes it
@@ -66,6 +70,8 @@ def hero_fast_positions(source_fps: float, snippet_frames: int, target_fps: int 
 
 def slow_positions(num_fast: int = 32, alpha: int = 4) -> np.ndarray:
     """Slow pathway = fast[linspace(0, T-1, T // alpha).long()] = [0,4,8,13,17,22,26,31] for T=32."""
+    import torch
+
     return torch.linspace(0, num_fast - 1, num_fast // alpha, device="cpu").long().numpy()
 
 
@@ -264,6 +270,8 @@ class LazySnippets:
         self.ndim = len(self.shape)
 
     def _snippet(self, i: int) -> np.ndarray:
+        import torch
+
         snippet = np.asarray(self.frames[self.index[i]])
         if self.transform is not None:
             snippet = self.transform(torch.from_numpy(np.ascontiguousarray(snippet))).numpy()
@@ -304,10 +312,12 @@ def _resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
     antialias=True approximates swscale's bilinear (which widens its filter when downscaling);
     for upscaling it equals plain bilinear (cv2's INTER_LINEAR)."""
+    import torch
+
     if frames.shape[1:3] == (height, width):
         return frames
     x = frames.permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 

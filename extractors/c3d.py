@@ -22,13 +22,10 @@ Protocols:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from extractors import EXTRACTORS
 from extractors._base import (
@@ -45,56 +42,12 @@ from extractors._snippets import c3d_plan, c3d_resize_crop, make_units
 from pipeline.core.provenance import sha256_file, weights_record
 from pipeline.nets.caffe_blob import BlobProtoError, read_blob_proto
 
+if TYPE_CHECKING:  # imported where used: `vmr decode` reads this module without torch
+    import torch
+
 C3D_FEATURE_DIM = 4096
 C3D_MEAN_BGR = (90.0, 98.0, 102.0)
 C3D_MEAN_VOLUME_SHAPE = (1, 3, 16, 128, 171)  # sport1m_train16_128_mean: (num, BGR, frames, H, W)
-
-
-class C3D(nn.Module):
-    """C3D with `c3d.pickle`'s module names; `features(x, layer)` returns post-ReLU fc6 or fc7."""
-
-    def __init__(self, num_classes: int = 487):
-        super().__init__()
-        conv = lambda i, o: nn.Conv3d(i, o, kernel_size=3, padding=1)  # noqa: E731
-        self.conv1 = conv(3, 64)
-        self.pool1 = nn.MaxPool3d((1, 2, 2), (1, 2, 2))
-        self.conv2 = conv(64, 128)
-        self.pool2 = nn.MaxPool3d(2, 2)
-        self.conv3a, self.conv3b = conv(128, 256), conv(256, 256)
-        self.pool3 = nn.MaxPool3d(2, 2)
-        self.conv4a, self.conv4b = conv(256, 512), conv(512, 512)
-        self.pool4 = nn.MaxPool3d(2, 2)
-        self.conv5a, self.conv5b = conv(512, 512), conv(512, 512)
-        self.pool5 = nn.MaxPool3d(2, 2, padding=(0, 1, 1))
-        self.fc6 = nn.Linear(8192, 4096)
-        self.fc7 = nn.Linear(4096, 4096)
-        self.fc8 = nn.Linear(4096, num_classes)
-        self.dropout = nn.Dropout(0.5)
-
-    def conv_trunk(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool1(F.relu(self.conv1(x)))
-        x = self.pool2(F.relu(self.conv2(x)))
-        x = self.pool3(F.relu(self.conv3b(F.relu(self.conv3a(x)))))
-        x = self.pool4(F.relu(self.conv4b(F.relu(self.conv4a(x)))))
-        x = self.pool5(F.relu(self.conv5b(F.relu(self.conv5a(x)))))
-        return x
-
-    def features(self, x: torch.Tensor, layer: str = "fc6") -> torch.Tensor:
-        """(B, 3, 16, 112, 112) -> (B, 4096) post-ReLU fc6 or fc7."""
-        x = self.conv_trunk(x)
-        if x.shape[1:] != (512, 1, 4, 4):
-            raise ValueError(
-                f"C3D expects 3x16x112x112 snippets; input {tuple(x.shape)} at pool5 is not 512x1x4x4"
-            )
-        x = F.relu(self.fc6(x.flatten(1)))
-        if layer == "fc6":
-            return x
-        if layer != "fc7":
-            raise ValueError(f"C3D feature layer must be 'fc6' or 'fc7', got {layer!r}")
-        return F.relu(self.fc7(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc8(self.dropout(self.features(x, "fc7")))
 
 
 # -- ActivityNet PCA ------------------------------------------------------------------------------
@@ -131,32 +84,6 @@ class PCAProjection:
         if x.shape[-1] != self.mean.shape[0]:
             raise ValueError(f"PCA expects {self.mean.shape[0]}-d features, got {x.shape[-1]}")
         return ((x.astype(np.float64) - self.mean) @ self.components).astype(np.float32)
-
-
-class C3DFeatures(nn.Module):
-    """C3D plus the optional PCA, as one module: `forward` maps snippets to (B, D) features."""
-
-    def __init__(self, layer: str, pca: PCAProjection | None):
-        super().__init__()
-        self.net = C3D()
-        self.layer = layer
-        if pca is not None:
-            self.register_buffer("pca_components", torch.as_tensor(pca.components, dtype=torch.float64))
-            self.register_buffer("pca_mean", torch.as_tensor(pca.mean, dtype=torch.float64))
-        self.pca = pca is not None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, F, 112, 112), F a multiple of 16 -> (B, D): fc of each 16-frame unit, averaged."""
-        b, c, f, h, w = x.shape
-        if f % 16:
-            raise ValueError(f"C3D snippets must be a multiple of 16 frames, got {f}")
-        units = x.view(b, c, f // 16, 16, h, w).transpose(1, 2).reshape(b * (f // 16), c, 16, h, w)
-        feats = self.net.features(units, self.layer).view(b, f // 16, -1).float().mean(dim=1)
-        if self.pca:
-            # float64 outside autocast: the projection is cheap and must not lose precision
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                feats = ((feats.double() - self.pca_mean) @ self.pca_components).float()
-        return feats
 
 
 @EXTRACTORS.register("c3d")
@@ -201,6 +128,9 @@ class C3DExtractor(Extractor):
         return make_units(frames, plan.snippets, c3d_resize_crop), plan.row_windows(windows)
 
     def build_model(self) -> torch.nn.Module:
+        import torch
+
+        from pipeline.nets.c3d import C3DFeatures
 
         torch.manual_seed(self.config.seed)
         pca = None
@@ -214,6 +144,8 @@ class C3DExtractor(Extractor):
 
     def preprocess(self, units: torch.Tensor) -> torch.Tensor:
         """uint8 RGB (B, F, 112, 112, 3) -> (B, 3, F, 112, 112), channel order of the weights, minus mean."""
+        import torch
+
         x = units.float()
         if self.config.channel_order == "bgr":
             x = x.flip(-1)
@@ -253,7 +185,6 @@ class C3DExtractor(Extractor):
     def describe(self) -> dict:
         out = super().describe()
         if self.config.pca:
-
             out["pca_sha256"] = sha256_file(self.config.pca)
         if self.config.mean_file:
             # checked like weights, and read now: a bad file fails before any video is extracted

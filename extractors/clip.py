@@ -9,29 +9,41 @@ Protocols (docs/features.md, reference feature_protocols.md 2a/2e/3.5):
 - `preprocess: hero`: short side 224 bilinear (swscale-like, antialiased), centre crop 224,
   (x/255 - mean) / (std + 1e-8), fp16 weights on GPU. `preprocess: openai`: bicubic resize, no 1e-8.
 
-The architecture is open_clip's `ViT-B-32-quickgelu`: OpenAI's weights need QuickGELU, and open_clip's
-plain 'ViT-B-32' silently builds nn.GELU. Every official weights format is read by
+The architecture is the image tower of open_clip's `ViT-B-32-quickgelu`: OpenAI's weights need
+QuickGELU, and open_clip's plain 'ViT-B-32' silently builds nn.GELU. Only the image tower is built
+(`visual.*`, OpenAI's names); with weights it is built on the meta device and the file's tensors
+assigned, so no random init is paid for. Every official weights format is read by
 `pipeline.nets.clip.read_clip_state_dict` (OpenAI's TorchScript archive or state dict, open_clip's
-.bin / .safetensors / training checkpoints).
+.bin / .safetensors / training checkpoints); their text-tower entries are not read.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
 from extractors import EXTRACTORS
 from extractors._base import Extractor, ExtractorConfig, SamplingProtocol
 from pipeline.nets.checkpoints import check_state_dict
-from pipeline.nets.clip import IMAGE_MEAN, IMAGE_STD, fit_to_model, read_clip_state_dict
+from pipeline.nets.clip import (
+    IMAGE_MEAN,
+    IMAGE_STD,
+    fit_to_model,
+    image_tower_state,
+    image_tower_vit_b_32,
+    read_clip_state_dict,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 
 @EXTRACTORS.register("clip")
 class ClipExtractor(Extractor):
     name = "clip"
     dim = 512
+    meta_build = True
 
     class Config(ExtractorConfig):
         sampling: Literal["clip_len", "every_n"] = "clip_len"
@@ -55,15 +67,17 @@ class ClipExtractor(Extractor):
         )
 
     def build_model(self) -> torch.nn.Module:
-        import open_clip
+        import torch
 
         torch.manual_seed(self.config.seed)
-        # full CLIP (text tower included) so that every key of the official files has a home
-        model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
-        return model.eval()
+        return image_tower_vit_b_32().eval()
 
-    def load_weights(self, model: torch.nn.Module, path: str) -> None:
-        check_state_dict(model, fit_to_model(read_clip_state_dict(path), model), path)
+    def build_empty(self) -> torch.nn.Module:
+        return image_tower_vit_b_32(device="meta").eval()
+
+    def load_weights(self, model: torch.nn.Module, path: str, assign: bool = False) -> None:
+        state = image_tower_state(read_clip_state_dict(path))
+        check_state_dict(model, fit_to_model(state, model), path, assign=assign)
 
     def to_device(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         model = model.to(device)
@@ -72,6 +86,8 @@ class ClipExtractor(Extractor):
         return model
 
     def preprocess(self, units: torch.Tensor) -> torch.Tensor:
+        import torch
+
         x = units.permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(IMAGE_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGE_STD, device=x.device).view(1, 3, 1, 1)
@@ -81,4 +97,4 @@ class ClipExtractor(Extractor):
 
     def embed(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         dtype = next(model.parameters()).dtype
-        return model.encode_image(x.to(dtype))
+        return model.visual(x.to(dtype))  # what open_clip's CLIP.encode_image returns

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import pickle
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator
 
 from extractors import EXTRACTORS
@@ -47,6 +46,9 @@ SLOWFAST_DIM = 2304
 MEAN, STD = 0.45, 0.225
 STAGE_DEPTHS = {2: 3, 3: 4, 4: 6, 5: 3}  # residual blocks per stage, ResNet-50
 
+if TYPE_CHECKING:  # imported where used: `vmr decode` reads this module without torch
+    import torch
+
 
 def build_slowfast_r50() -> torch.nn.Module:
     from pytorchvideo.models.hub.slowfast import slowfast_r50
@@ -58,6 +60,8 @@ def slowfast_features(model: torch.nn.Module, slow: torch.Tensor, fast: torch.Te
     """[slow (B,3,8,H,W), fast (B,3,32,H,W)] -> (B, 2304): each pathway's last stage averaged over
     time and space, concatenated slow first. At 224x224 this is exactly the head's
     AvgPool3d([8,7,7]) / AvgPool3d([32,7,7]) (PoolConcatPathway); smaller inputs still work."""
+    import torch
+
     x = [slow, fast]
     for block in model.blocks[:5]:  # stem + res2..res5, with the fast->slow fusions
         x = block(x)
@@ -131,6 +135,8 @@ def read_caffe2_blobs(path: str) -> dict[str, np.ndarray]:
 def caffe2_to_pytorchvideo(blobs: dict[str, np.ndarray], model: torch.nn.Module, path: str) -> dict:
     """Convert every blob; unknown names, shape mismatches and model tensors left without a blob
     are errors naming the file (a partial load would silently give wrong features)."""
+    import torch
+
     own = model.state_dict()
     state, unknown, wrong = {}, [], []
     for name, value in blobs.items():
@@ -205,6 +211,8 @@ class SlowFastExtractor(Extractor):
         return make_units(frames, plan.snippets), np.stack([starts, starts + self.config.clip_len], axis=1)
 
     def build_model(self) -> torch.nn.Module:
+        import torch
+
         torch.manual_seed(self.config.seed)
         return build_slowfast_r50()
 
@@ -222,5 +230,7 @@ class SlowFastExtractor(Extractor):
         return (x - MEAN) / (STD + 1e-8)
 
     def embed(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         slow = x[:, :, torch.as_tensor(slow_positions(x.shape[2]), device=x.device)]
         return slowfast_features(model, slow, x)

@@ -17,9 +17,8 @@ accepted weights files:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
 from extractors import EXTRACTORS
@@ -36,11 +35,15 @@ from extractors._base import (
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+if TYPE_CHECKING:  # imported where used: `vmr decode` reads this module without torch
+    import torch
+
 
 @EXTRACTORS.register("vgg")
 class VggExtractor(Extractor):
     name = "vgg"
     dim = 4096
+    meta_build = True  # 138 M parameters: their random init costs seconds that loaded weights replace
 
     class Config(ExtractorConfig):
         fps: float = Field(8.0, gt=0)  # Charades official features: 8 fps
@@ -55,12 +58,15 @@ class VggExtractor(Extractor):
         )
 
     def build_model(self) -> torch.nn.Module:
+        import torch
         import torchvision
 
         torch.manual_seed(self.config.seed)
         return torchvision.models.vgg16(weights=None, num_classes=self.config.num_classes or 1000).eval()
 
-    def load_weights(self, model: torch.nn.Module, path: str) -> None:
+    def load_weights(self, model: torch.nn.Module, path: str, assign: bool = False) -> None:
+        import torch
+
         state = read_vgg_state_dict(path)
         fc8 = state.get("classifier.6.weight")
         if fc8 is not None and fc8.shape[0] != model.classifier[6].out_features:
@@ -70,16 +76,20 @@ class VggExtractor(Extractor):
                     f"{self.config.num_classes}"
                 )
             # fc8 is not part of fc7 features: resize the head to what the file holds (157 for Charades)
-            model.classifier[6] = torch.nn.Linear(4096, fc8.shape[0])
-        check_state_dict(model, state, path)
+            model.classifier[6] = torch.nn.Linear(4096, fc8.shape[0], device=model.classifier[6].weight.device)
+        check_state_dict(model, state, path, assign=assign)
 
     def preprocess(self, units: torch.Tensor) -> torch.Tensor:
+        import torch
+
         x = units.permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
     def embed(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         h = torch.flatten(model.avgpool(model.features(x)), 1)
         head = model.classifier[:5] if self.config.fc7 == "post_relu" else model.classifier[:4]
         return head(h)
@@ -95,6 +105,8 @@ def read_vgg_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def _load_checkpoint(path: str) -> object:
     """torch.load with weights_only; training checkpoints may hold numpy scalars (e.g. 'mAP')."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as first:

@@ -36,11 +36,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
-from models import MODELS
-from pipeline.core.params import NonNegative, Positive
+from models.specs.cnm import PROPOSAL_STRIDE, CNMConfig, CNMSpec
 from pipeline.core.provenance import weights_record
 from pipeline.media.features import FeatureFile, feature_statistics, load_video
 from pipeline.nets.checkpoints import WeightsError, torch_load
@@ -49,15 +47,12 @@ from pipeline.training.evaluation import MOMENT_THRESHOLDS, evaluate_moments
 from pipeline.training.trainer import (
     DataContext,
     GroundingModel,
-    Needs,
     Optimization,
     StepContext,
-    TrainConfig,
 )
 
 LABEL_SMOOTHING = 0.1  # cal_nll_loss's eps
 MIN_WIDTH = 0.1  # the Gaussian's width is clamped below at 0.1 (of the whole video)
-PROPOSAL_STRIDE = 4  # the reconstructor sees max_num_frames // 4 evenly spaced frames
 WORD_DIM = 300  # GloVe vectors from glove.pkl
 
 
@@ -372,49 +367,6 @@ def inverse_sqrt_lr(num_updates: int, lr: float, warmup_updates: int, warmup_ini
 # -- the model -------------------------------------------------------------------------------------
 
 
-class CNMConfig(TrainConfig):
-    """`model.cnm` in params.yaml. Defaults are the official ActivityNet CLIP config."""
-
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(128, ge=1)  # queries
-    eval_batch_size: int = Field(128, ge=1)
-    grad_clip: Positive | None = None  # must stay null: CNM clips in its optimisers (see clip_norm)
-    select_metric: str = "mIoU"  # CNM keeps the epoch with the best mIoU
-    feature: str = "clip"  # features/<feature>.h5 holds the frame features
-    # Not in CNM (False reproduces it): z-score every feature channel with the mean/std over the
-    # training videos' frames (no labels involved). Features with a large shared component (e.g. a
-    # randomly initialised CLIP on the synthetic set) otherwise drown the frame-to-frame changes.
-    standardize_features: bool = False
-    vocab_size: int = Field(8000, ge=1)  # reconstruction targets: the most common words of glove.pkl
-    max_num_words: int = Field(20, ge=1)
-    max_num_frames: int = Field(200, ge=PROPOSAL_STRIDE)  # every video is resampled to exactly this
-    hidden_size: int = Field(256, ge=2)
-    num_heads: int = Field(4, ge=1)
-    num_decoder_layers1: int = Field(3, ge=1)  # video stack
-    num_decoder_layers2: int = Field(3, ge=1)  # text stack
-    dropout: float = Field(0.1, ge=0, lt=1)  # on the raw frame and word features
-    transformer_dropout: float = Field(0.1, ge=0, lt=1)
-    alpha: float = Field(5.0, gt=0)  # Gaussian sharpness: 5 ActivityNet, 5.5 Charades
-    max_width: float = Field(1.0, gt=0, le=1)  # 1 ActivityNet, 0.45 Charades
-    use_negative: bool = True  # hard/easy negatives; False leaves plain reconstruction
-    beta_1: NonNegative = 0.1  # IVC margin against the hard negative
-    beta_2: NonNegative = 0.15  # IVC margin against the easy negative
-    lr: float = Field(4e-4, gt=0)  # both optimisers
-    warmup_updates: int = Field(400, ge=1)
-    warmup_init_lr: float = Field(1e-7, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    clip_norm: float = Field(10.0, gt=0)  # over all parameters holding a gradient, as the official runner
-    weights: str | None = None  # an official CNM checkpoint (model-best.pt) to start from
-    weights_sha256: str | None = None
-
-    @model_validator(mode="after")
-    def _checks(self) -> CNMConfig:
-        if self.grad_clip is not None:
-            raise ValueError("grad_clip must be null for CNM: it clips in its optimisers, use clip_norm")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        return self
-
 
 def tokenize(sentence: str) -> tuple[list[str], list[int]]:
     """nltk word tokens of a query and their POS weights, with the vocab stage's tokenizer and tagger
@@ -448,8 +400,7 @@ class CNMItems(Dataset):
         return {**item, "frames_feat": frames}
 
 
-@MODELS.register("cnm")
-class CNM(GroundingModel):
+class CNM(CNMSpec, GroundingModel):
     Config = CNMConfig
     manual_optimization = True  # two optimisers, two forward passes per batch
 
@@ -541,11 +492,6 @@ class CNM(GroundingModel):
             p.requires_grad_(id(p) in keep)
 
     # -- the trainer contract (pipeline.training.trainer) --
-
-    @classmethod
-    def needs(cls, cfg: CNMConfig, dataset) -> Needs:
-        return Needs(features=(cfg.feature,), vocab=("glove.pkl",),
-                     files={"model.cnm.weights": cfg.weights} if cfg.weights is not None else {})
 
     def build_dataset(self, split: str, data: DataContext, train: bool) -> Dataset:
         return CNMItems(data.queries(split), self.features, self.vocab, self.cfg.max_num_frames)

@@ -19,7 +19,7 @@ from models import MODELS
 from pipeline.core.codedeps import stage_code
 from pipeline.core.params import Params, ParamsError
 from pipeline.media.importers import resolve
-from pipeline.training.trainer import DataContext
+from pipeline.training.context import DataContext
 from stages.common import duration_files, frame_models
 from stages.train import annotation_files, data_context
 
@@ -54,8 +54,8 @@ def _stage(cmd: str, desc: str, code: list[str], data: list[str], params: list[s
 
 
 def _model_stages(params: Params, raw: dict, name: str, stages: dict[str, Any]) -> None:
-    cls, cfg = MODELS.get(name), MODELS.config(params, name)
-    needs = cls.needs(cfg, params.dataset)
+    code, cfg = MODELS.modules(name), MODELS.config(params, name)  # the model's modules, not imported
+    needs = MODELS.spec(name).needs(cfg, params.dataset)
     data: DataContext = data_context(params, name)
     annotations = [str(p) for p in annotation_files(params).values()]
     features = Path(params.merge.out_dir)
@@ -66,7 +66,7 @@ def _model_stages(params: Params, raw: dict, name: str, stages: dict[str, Any]) 
         durations = [str(p) for p in duration_files(params).values()]
         stages[f"query_features-{name}"] = _stage(
             f"vmr query-features --model {name}", f"Frozen query features of {name} ({enc.modality} encoder)",
-            stage_code("query_features", [cls]),
+            stage_code("query_features", code),
             [*splits, *durations, *(p for p in (enc.encoder_dir, enc.audio_manifest) if p)],
             ["seed", "dataset", *(f"model.{name}.{k}" for k in q.config_keys)], raw,
             [str(features / f"{q.name}.h5")])
@@ -76,7 +76,7 @@ def _model_stages(params: Params, raw: dict, name: str, stages: dict[str, Any]) 
                if pca.fit_on == "train" else [])
         stages[f"feature_pca-{name}"] = _stage(
             f"vmr feature-pca --model {name}", f"PCA of {pca.source} features for {name}",
-            stage_code("feature_pca", [cls]), [str(features / f"{pca.source}.h5"), *fit],
+            stage_code("feature_pca", code), [str(features / f"{pca.source}.h5"), *fit],
             ["dataset", *(f"model.{name}.{k}" for k in needs.pca.config_keys)], raw,
             [str(features / f"{needs.pca.name}.h5")])
     inputs = [str(p) for p in data.input_files(needs).values()]
@@ -84,7 +84,7 @@ def _model_stages(params: Params, raw: dict, name: str, stages: dict[str, Any]) 
     stages[f"train-{name}"] = _stage(
         f"vmr train --model {name}",
         f"Train {name} with the shared trainer (checkpoint every epoch, resumable, dvclive curves)",
-        stage_code("train", [cls]), [*annotations, *inputs], ["seed", "dataset", "trainer", f"model.{name}"], raw,
+        stage_code("train", code), [*annotations, *inputs], ["seed", "dataset", "trainer", f"model.{name}"], raw,
         [str(run_dir / "best.pt"), str(run_dir / "best.pt.prov.json"),
          # resume after a kill; the config, code and input digests guard against stale files
          {str(run_dir / "checkpoints"): {"cache": False, "persist": True}}],
@@ -94,7 +94,7 @@ def _model_stages(params: Params, raw: dict, name: str, stages: dict[str, Any]) 
     stages[f"evaluate-{name}"] = _stage(
         f"vmr evaluate --model {name}",
         f"Evaluate {name} on evaluate.split (predictions, metrics, random baseline)",
-        stage_code("evaluate", [cls]), [str(run_dir / "best.pt"), *annotations, *inputs],
+        stage_code("evaluate", code), [str(run_dir / "best.pt"), *annotations, *inputs],
         ["seed", "dataset", "evaluate", "trainer.device", "trainer.num_workers", "trainer.amp",
          "trainer.amp_dtype", "trainer.deterministic", f"model.{name}"], raw,
         [str(results / "predictions"), str(results / "metrics.json.prov.json")],
@@ -123,7 +123,8 @@ def build_dag(params: Params, raw: dict[str, Any], source: str = "params") -> di
             "synthetic GloVe)", stage_code("synth"), [], ["synth"], raw, [params.synth.out_dir])
     _import_stages(params, raw, stages)
     frame_readers, extracted = frame_models(params), params.extracted_features()  # imported: not extracted
-    members = [EXTRACTORS.get(f) for f in extracted] + [MODELS.get(m) for m in frame_readers]
+    members = [m for f in extracted for m in EXTRACTORS.modules(f)] + [
+        m for name in frame_readers for m in MODELS.modules(name)]
     if members:
         stages["decode"] = _stage(
             "vmr decode", "Decode every video once into the frame store, per enabled extractor's protocol",
@@ -137,13 +138,13 @@ def build_dag(params: Params, raw: dict[str, Any], source: str = "params") -> di
         stages[f"extract-{f}"] = _stage(
             f"vmr extract --feature {f}", f"Extract per-video {f} features from the frame store, or from "
             "the videos by replaying decode's plan (frames not stored)",
-            stage_code("extract", [EXTRACTORS.get(f)]), [params.decode.out_dir, params.dataset.video_dir],
+            stage_code("extract", EXTRACTORS.modules(f)), [params.decode.out_dir, params.dataset.video_dir],
             ["decode.out_dir", "dataset.video_dir", "merge.npy_dir", f"extractors.{f}"], raw,
             [{str(npy / f): {"persist": True}}])  # resume: a re-run skips videos already done
     for f in extracted:
         stages[f"merge-{f}"] = _stage(
             f"vmr merge --feature {f}", f"Merge the per-video {f} features into one HDF5 file",
-            stage_code("merge", [EXTRACTORS.get(f)]), [str(npy / f)], ["merge"], raw,
+            stage_code("merge", EXTRACTORS.modules(f)), [str(npy / f)], ["merge"], raw,
             [str(features / f"{f}.h5")])
     d, v = params.dataset, params.vocab
     stages["vocab"] = _stage(

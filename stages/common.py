@@ -11,8 +11,9 @@ from pipeline.media.framestore import durations_path
 
 
 def frame_models(params: Params) -> list[str]:
-    """The models of `models` that read decoded frames themselves."""
-    return [m for m in params.models if MODELS.get(m).needs(MODELS.config(params, m), params.dataset).frames]
+    """The models of `models` that read decoded frames themselves (asked of their specs: no model,
+    nor torch, is imported)."""
+    return [m for m in params.models if MODELS.spec(m).needs(MODELS.config(params, m), params.dataset).frames]
 
 
 def decodes_videos(params: Params) -> bool:

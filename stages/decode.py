@@ -21,23 +21,26 @@ from pipeline.media.decode import decode_all, list_videos, stored_keys, unusable
 from stages.common import frame_models
 
 
-def members(params: Params) -> list[type]:
-    """The registry members whose code decides what decode keeps."""
-    return [EXTRACTORS.get(f) for f in params.extracted_features()] + [MODELS.get(m) for m in frame_models(params)]
+def members(params: Params) -> list[str]:
+    """The modules of the registry members whose code decides what decode keeps (named, not imported:
+    decode never imports torch)."""
+    return [m for f in params.extracted_features() for m in EXTRACTORS.modules(f)] + [
+        m for name in frame_models(params) for m in MODELS.modules(name)]
 
 
 def protocols_for(params: Params) -> list:
-    protocols = [EXTRACTORS.get(name)(EXTRACTORS.config(params, name)).protocol()
+    protocols = [EXTRACTORS.spec(name)(EXTRACTORS.config(params, name)).protocol()
                  for name in params.extracted_features()]
     for name in frame_models(params):
-        protocols.append(MODELS.get(name).needs(MODELS.config(params, name), params.dataset).frames)
+        protocols.append(MODELS.spec(name).needs(MODELS.config(params, name), params.dataset).frames)
     return protocols
 
 
 def stored_for(params: Params) -> set[str]:
     """Keys of the protocols whose frames decode writes."""
-    features = [EXTRACTORS.get(name)(EXTRACTORS.config(params, name)).protocol() for name in params.extracted_features()]
-    readers = {MODELS.get(name).needs(MODELS.config(params, name), params.dataset).frames.key
+    features = [EXTRACTORS.spec(name)(EXTRACTORS.config(params, name)).protocol()
+                for name in params.extracted_features()]
+    readers = {MODELS.spec(name).needs(MODELS.config(params, name), params.dataset).frames.key
                for name in frame_models(params)}
     return stored_keys(features, params.decode.store_frames) | readers
 

@@ -21,12 +21,11 @@ from pipeline.media.replay import ReplaySource
 
 
 def build(extractor) -> tuple[torch.nn.Module, str]:
-    """The model with its weights loaded (or seeded random init) and the weights record."""
+    """The model with its weights loaded (no random init paid for first, see `Extractor.build_loaded`)
+    or with its seeded random init, and the weights record."""
     cfg = extractor.config
-    model = extractor.build_model()
     record = weights_record(cfg.weights, cfg.weights_sha256)  # checks sha256 before loading
-    if cfg.weights is not None:
-        extractor.load_weights(model, cfg.weights)
+    model = extractor.build_model() if cfg.weights is None else extractor.build_loaded(cfg.weights)
     return model.eval(), record
 
 

@@ -9,8 +9,7 @@ from pipeline.core import provenance
 from pipeline.core.codedeps import stage_code
 from pipeline.core.params import Params, ParamsError, require_files, subset
 from pipeline.core.progress import is_rank_zero, log
-from pipeline.training.checkpoints import finished_run_fields
-from pipeline.training.trainer import DataContext, fit
+from pipeline.training.context import DataContext
 from stages.common import duration_files
 
 
@@ -23,7 +22,7 @@ def data_context(params: Params, model: str) -> DataContext:
         frames_dir=Path(params.decode.out_dir),
         run_dir=Path(params.trainer.out_dir) / model,
         seed=cfg.seed if cfg.seed is not None else params.seed,
-        video_features=tuple(MODELS.get(model).needs(cfg, params.dataset).features),
+        video_features=tuple(MODELS.spec(model).needs(cfg, params.dataset).features),
     )
 
 
@@ -34,7 +33,7 @@ def annotation_files(params: Params, source: str = "params") -> dict[str, Path]:
 
 def model_inputs(params: Params, model: str, data: DataContext, source: str = "params") -> dict[str, Path]:
     """Every file training `model` reads, by role: the annotations and what the model needs."""
-    needs = MODELS.get(model).needs(MODELS.config(params, model), params.dataset)
+    needs = MODELS.spec(model).needs(MODELS.config(params, model), params.dataset)
     return annotation_files(params, source) | data.input_files(needs)
 
 
@@ -49,6 +48,10 @@ def check_inputs(params: Params, source: str, model: str, data: DataContext) -> 
 
 
 def run(params: Params, source: str, model: str) -> None:
+    # here, not at the top: `vmr dag` reads this module's helpers above and must not import torch
+    from pipeline.training.checkpoints import finished_run_fields
+    from pipeline.training.trainer import fit
+
     cls = MODELS.get(model)
     cfg = MODELS.config(params, model)
     t = params.trainer

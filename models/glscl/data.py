@@ -26,14 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from models.specs.glscl import FRAMES_PER_SECOND, glscl_protocol
 from pipeline.core.progress import log
 from pipeline.media.features import FeatureFile
 from pipeline.media.framestore import FrameStore
-from pipeline.media.sampling import SamplingProtocol
 from pipeline.nets.clip import IMAGE_MEAN, IMAGE_STD, text_ids
 from pipeline.text.annotations import load_split
-
-FRAMES_PER_SECOND = 1.0  # GLSCL samples one frame per second (the released decord stride round(fps))
 
 Pair = tuple[Any, str, str]  # (qid, video id, caption)
 
@@ -162,13 +160,6 @@ class FrameClips:
         frames = frames[keep_uniformly(len(frames), self.max_frames)]
         return _pad(self.transform(frames), self.max_frames)
 
-
-def glscl_protocol():
-    """GLSCL's frames: one per second, the first at or after each whole second (the released decord
-    stride round(fps) from frame 0), short side 224 bicubic, centre crop 224."""
-
-    return SamplingProtocol(rule="uniform", rate=FRAMES_PER_SECOND, short_side=224, crop=224,
-                            interpolation="bicubic")
 
 
 # -- datasets ---------------------------------------------------------------------------------------

@@ -92,7 +92,8 @@ def import_closure(roots: Iterable[str | Path]) -> list[str]:
 
 def stage_code(stage: str, members: Iterable[object] = ()) -> list[str]:
     """The code of stage `stages/<stage>.py`: its import closure plus the closure of each registry
-    member the stage's params select (classes; their defining module is followed)."""
+    member the stage's params select (classes, whose defining module is followed, or dotted module
+    names, as `Registry.modules` gives them without importing anything)."""
     roots: list[str] = [f"stages.{stage}"]
-    roots += [obj.__module__ for obj in members]  # type: ignore[attr-defined]
+    roots += [obj if isinstance(obj, str) else obj.__module__ for obj in members]  # type: ignore[attr-defined]
     return import_closure(roots)

@@ -374,7 +374,7 @@ def _validate_registered(params: Params, source: str, registry: Registry) -> Non
                     f"expected one of {registry.names()}"
                 )
             try:
-                registry.get(name).Config.model_validate(cfg)
+                registry.spec(name).Config.model_validate(cfg)
             except ValidationError as e:
                 raise ParamsError(_format_errors(source, e, prefix=f"{table_key}.{name}")) from None
 

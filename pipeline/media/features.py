@@ -28,7 +28,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
 ACTIVITYNET_KEY = "c3d_features"
 
@@ -97,18 +96,20 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 # precision of k / N * T, which decides the cases near an exact half (T=180, N=200, k=35: 31.5 in float32,
 # rounded to 32; 31.499999999999996 in float64, rounded to 31). The two conventions disagree for 77 of
 # T = 2..999 at N = 200, none at N = 32, 128, 256 or 512.
-EDGES_DTYPES = {
-    "float32": torch.float32,  # torch float32: MMN `avgfeats`, MRNet (MMN's utils), MESM `sample_video_feat`
-    "float64": torch.float64,  # numpy float64: CNM `_sample_frame_features`
-}
+EDGES_DTYPES = (
+    "float32",  # torch float32: MMN `avgfeats`, MRNet (MMN's utils), MESM `sample_video_feat`
+    "float64",  # numpy float64: CNM `_sample_frame_features`
+)
 
 
 def bin_edges(num_src: int, num_out: int, edges_dtype: str = "float32") -> np.ndarray:
     """The N + 1 bin edges of `average_to_clips` (int64): bin k averages rows [edges[k], edges[k+1])."""
     if edges_dtype not in EDGES_DTYPES:
         raise ValueError(f"edges_dtype must be one of {sorted(EDGES_DTYPES)}, got {edges_dtype!r}")
+    import torch  # here, not at the top: params validation reads this module's users without torch
+
     # torch in both precisions: IEEE division and product give numpy's float64 result bit for bit
-    edges = torch.arange(0, num_out + 1, dtype=EDGES_DTYPES[edges_dtype]) / num_out * num_src
+    edges = torch.arange(0, num_out + 1, dtype=getattr(torch, edges_dtype)) / num_out * num_src
     return edges.round().long().clamp(max=num_src - 1).numpy()
 
 

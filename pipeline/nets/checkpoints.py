@@ -6,17 +6,22 @@ read or that does not match the architecture; the message says which file and wh
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.core.errors import VmrError
+
+if TYPE_CHECKING:  # torch is imported where it is used: extractors' modules must import without it
+    import torch
 
 
 class WeightsError(VmrError, ValueError):
     """A weights file is unreadable or does not match the architecture (names file and keys)."""
 
 
-def check_state_dict(model: torch.nn.Module, state: dict, path: str, *, strict: bool = True) -> None:
-    """load_state_dict with an error that names the file and the mismatching keys and shapes."""
+def check_state_dict(model: torch.nn.Module, state: dict, path: str, *, strict: bool = True,
+                     assign: bool = False) -> None:
+    """load_state_dict with an error that names the file and the mismatching keys and shapes.
+    `assign=True` makes the file's tensors the model's (a model built on the meta device has none)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -34,7 +39,7 @@ def check_state_dict(model: torch.nn.Module, state: dict, path: str, *, strict: 
         problems.append(f"shape mismatch {_few(wrong)}")
     if problems:
         raise WeightsError(f"{path}: does not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(state, strict=strict)
+    model.load_state_dict(state, strict=strict, assign=assign)
 
 
 def _few(items: list[str], n: int = 5) -> str:
@@ -44,6 +49,8 @@ def _few(items: list[str], n: int = 5) -> str:
 
 def torch_load(path: str) -> object:
     """Read a torch checkpoint (pickle or zip) on the CPU, with a clear error if it is not one."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
@@ -61,6 +68,8 @@ def short_reason(e: BaseException) -> str:
 
 def unwrap_state_dict(obj: object, path: str, keys: tuple[str, ...] = ("state_dict", "model_state", "model")) -> dict:
     """The tensor dict inside common checkpoint wrappers ({'state_dict': ...}, DataParallel 'module.')."""
+    import torch
+
     for k in keys:
         if isinstance(obj, dict) and k in obj and isinstance(obj[k], dict):
             obj = obj[k]

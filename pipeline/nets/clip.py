@@ -16,10 +16,16 @@ from __future__ import annotations
 import warnings
 import zipfile
 from functools import lru_cache
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.nets.checkpoints import WeightsError, torch_load, unwrap_state_dict
+
+if TYPE_CHECKING:  # imported where used: the CLIP extractor's module must import without torch
+    import torch
+
+# open_clip's name of OpenAI's ViT-B/32: OpenAI's weights need QuickGELU, and open_clip's plain
+# 'ViT-B-32' silently builds nn.GELU.
+VIT_B_32 = "ViT-B-32-quickgelu"
 
 # Text: the BPE vocabulary has 49,408 entries, the last two being the start and end markers; the
 # text tower has 77 positions.
@@ -51,6 +57,33 @@ def text_ids(text: str, max_tokens: int) -> list[int]:
     return [SOT_ID, *bpe_tokenizer().encode(text)[: max_tokens - 2], EOT_ID]
 
 
+# -- networks ---------------------------------------------------------------------------------------
+
+
+def clip_vit_b_32() -> torch.nn.Module:
+    """The whole CLIP ViT-B/32 (both towers, OpenAI's parameter names), randomly initialised."""
+    import open_clip
+
+    return open_clip.create_model(VIT_B_32, pretrained=None)
+
+
+def image_tower_vit_b_32(device: str | None = None) -> torch.nn.Module:
+    """CLIP ViT-B/32's image tower alone, under the whole model's names (`visual.*`): what image
+    features need, without the text tower's 38 M parameters to build (nor open_clip to import: see
+    `pipeline.nets.clip_vit`). A seeded random init draws the numbers `clip_vit_b_32()` draws first;
+    `device="meta"`: no memory, no init (for weights to be assigned)."""
+    import torch
+
+    from pipeline.nets.clip_vit import VisionTransformer
+
+    return torch.nn.ModuleDict({"visual": VisionTransformer(device=device)})
+
+
+def image_tower_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `visual.*` entries of a whole CLIP's state dict (the text tower's are left out)."""
+    return {k: v for k, v in state.items() if k.startswith("visual.")}
+
+
 # -- weights ----------------------------------------------------------------------------------------
 
 
@@ -66,6 +99,8 @@ def read_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
     if _is_torchscript(path):
+        import torch
+
         try:
             with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI's file is TorchScript
                 warnings.simplefilter("ignore", FutureWarning)
@@ -93,7 +128,8 @@ def fit_to_model(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict
     state = dict(state)
     if "logit_scale" in own and "logit_scale" in state and state["logit_scale"].numel() == 1:
         state["logit_scale"] = state["logit_scale"].reshape(own["logit_scale"].shape)
-    return {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    # contiguous: a file's tensors may be views (TorchScript archives), and `assign=True` keeps them as they are
+    return {k: v.to(own[k].dtype).contiguous() if k in own else v for k, v in state.items()}
 
 
 def _is_torchscript(path: str) -> bool:

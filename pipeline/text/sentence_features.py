@@ -27,32 +27,18 @@ import wave
 from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from pipeline.core.atomic import atomic_path
-from pipeline.core.params import Section
 from pipeline.core.progress import track
+from pipeline.text.query_config import QueryEncoderConfig  # noqa: F401  (re-exported: its users import it from here)
 from pipeline.text.tokenizers import train_wordpiece, wordpiece_from_vocab
 
 SAMPLE_RATE = 16000  # what wav2vec2/data2vec audio encoders expect (the official code resamples to it)
-
-
-class QueryEncoderConfig(Section):
-    """How `vmr query-features` encodes a model's queries (frozen, offline; MRNet)."""
-
-    modality: Literal["text", "audio"] = "text"  # NLMR: DistilBERT; SLMR: wav2vec2-style audio encoder
-    encoder_dir: str | None = None  # local Hugging Face directory; None: seeded random init (weights: random)
-    encoder_sha256: str | None = None  # sha256 of the weights file in encoder_dir, checked when given
-    # audio: JSON {sentence: wav path relative to the manifest}; None: synthetic stand-in utterances
-    audio_manifest: str | None = None
-    splits: list[str] = Field(default_factory=lambda: ["train", "test"])
-    batch_size: int = Field(32, ge=1)
-
 
 
 def query_key(sentence: str) -> str:

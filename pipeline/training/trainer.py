@@ -137,11 +137,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import h5py
 import numpy as np
 import torch
 from torch import nn
@@ -150,13 +149,7 @@ from torch.utils.data import default_collate as torch_default_collate
 
 from pipeline.core.atomic import atomic_path, write_text
 from pipeline.core.errors import VmrError
-from pipeline.core.params import Count, Positive, Section
 from pipeline.core.progress import log, track
-from pipeline.media.feature_pca import VideoPCAConfig
-from pipeline.media.framestore import decoded_durations
-from pipeline.media.sampling import SamplingProtocol
-from pipeline.text.annotations import load_dataset_split
-from pipeline.text.sentence_features import QueryEncoderConfig
 from pipeline.training.checkpoints import (
     checkpoint_path,
     checkpoints,
@@ -167,6 +160,7 @@ from pipeline.training.checkpoints import (
     set_rng_state,
     write_live_logs,
 )
+from pipeline.training.context import DataContext, MissingVideoError  # noqa: F401  (re-exported)
 from pipeline.training.distributed import (
     Dist,
     all_reduce_means,
@@ -184,21 +178,9 @@ from pipeline.training.distributed import (
     teardown_distributed,
 )
 from pipeline.training.resume import decide_resume
+from pipeline.training.spec import Needs, QueryFeatures, ReducedFeatures, TrainConfig  # noqa: F401  (the contract, re-exported)
 
 # -- the contract ---------------------------------------------------------------------------------
-
-
-class TrainConfig(Section):
-    """Fields every model Config has. Subclass it and override the defaults with the seed's."""
-
-    seed: int | None = None  # None: the top-level params `seed`
-    epochs: Count = 1
-    batch_size: Count = 8  # global, in dataset items
-    eval_batch_size: Count = 16  # per rank
-    grad_clip: Positive | None = None  # max global L2 grad norm; None: no clipping
-    eval_every: Count = 1  # epochs between evaluations on the selection split
-    eval_from: Count = 1  # first epoch evaluated (the seeds' SKIP_TEST + 1)
-    select_metric: str = "R@1,IoU@0.5"  # key of metrics() maximised by model selection
 
 
 @dataclasses.dataclass
@@ -233,107 +215,6 @@ class EvalData:
     primary: Dataset  # grounding: the items; retrieval: the texts
     videos: Dataset | None = None  # retrieval only
     queries: list | None = None  # grounding only: the annotation records (ground truth)
-
-
-@dataclasses.dataclass(frozen=True)
-class QueryFeatures:
-    """Query features a frozen encoder computes once per sentence (stage `query_features-<model>`)."""
-
-    name: str  # written to features/<name>.h5
-    encoder: QueryEncoderConfig
-    config_keys: tuple[str, ...]  # the model's config keys they derive from (the stage's params)
-
-
-@dataclasses.dataclass(frozen=True)
-class ReducedFeatures:
-    """A PCA-reduced feature file (stage `feature_pca-<model>`): features/<pca.source>.h5 -> <name>.h5."""
-
-    name: str
-    pca: VideoPCAConfig
-    config_keys: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Needs:
-    """What a model reads besides the annotation splits. The DAG (`pipeline.dag`), the decode stage,
-    the input checks and the provenance all follow it, so each model's stages depend on exactly this."""
-
-    features: tuple[str, ...] = ()  # merged feature files, features/<name>.h5 (a PCA target included)
-    query_features: QueryFeatures | None = None
-    pca: ReducedFeatures | None = None
-    frames: SamplingProtocol | None = None  # frames decode keeps for this model (trained on pixels)
-    vocab: tuple[str, ...] = ()  # files the vocab stage writes (vocab/<name>)
-    files: Mapping[str, str] = dataclasses.field(default_factory=dict)  # other files, by params key
-
-
-_QUERY_CACHE: dict[tuple, list] = {}
-
-
-@dataclasses.dataclass(frozen=True)
-class DataContext:
-    """Where a model finds its data. Built by the trainer from params; models never read params."""
-
-    dataset: Any  # pipeline.core.params.DatasetParams
-    features_dir: Path
-    vocab_dir: Path
-    frames_dir: Path
-    run_dir: Path
-    seed: int
-    # feature files every query's video must be in (the model's `needs().features`); a query whose
-    # video is missing fails up front, or is skipped and counted under `dataset.on_error: skip`
-    video_features: tuple[str, ...] = ()
-
-    @property
-    def splits(self) -> list[str]:
-        return list(self.dataset.splits)
-
-    def feature_file(self, name: str) -> Path:
-        return Path(self.features_dir) / f"{name}.h5"
-
-    def input_files(self, needs: Needs) -> dict[str, Path]:
-        """{role: path} of every file `needs` names (checked before any work, hashed into provenance)."""
-        files = {f"features.{name}": self.feature_file(name) for name in needs.features}
-        if needs.query_features is not None:
-            files[f"features.{needs.query_features.name}"] = self.feature_file(needs.query_features.name)
-        if needs.frames is not None:
-            files["decode.out_dir"] = Path(self.frames_dir)
-        files |= {f"vocab.{name}": Path(self.vocab_dir) / name for name in needs.vocab}
-        files |= {role: Path(path) for role, path in needs.files.items()}
-        return files
-
-    def queries(self, split: str) -> list:
-        """The parsed, cleaned `pipeline.text.annotations.Query` records of a split (cached)."""
-        key = (self.dataset.model_dump_json(), split, self.features_dir, self.frames_dir, self.video_features)
-        if key not in _QUERY_CACHE:
-            durations = decoded_durations(self.dataset, self.frames_dir)  # None: the dataset has its own
-            _QUERY_CACHE[key] = self._with_features(list(load_dataset_split(self.dataset, split, durations)), split)
-        return _QUERY_CACHE[key]
-
-    def _with_features(self, queries: list, split: str) -> list:
-        for name in self.video_features:
-            path = self.feature_file(name)
-            if not path.is_file():
-                continue  # the stage's input check names the missing file
-            with h5py.File(path, "r") as f:
-                present = set(f.keys())
-            missing = sorted({q.video_id for q in queries} - present)
-            if not missing:
-                continue
-            where = f"split '{split}' ({self.dataset.splits[split]})"
-            if self.dataset.on_error != "skip":
-                raise MissingVideoError(
-                    f"{where}: {len(missing)} video(s) have no features in {path}, e.g. '{missing[0]}' "
-                    "(decode failed for them, or the annotation names another video set); "
-                    "set dataset.on_error: skip to leave their queries out")
-            before = len(queries)
-            queries = [q for q in queries if q.video_id in present]
-            log(f"WARNING: {where}: skipped {before - len(queries)} queries of {len(missing)} video(s) "
-                f"without features in {path} (dataset.on_error: skip), e.g. '{missing[0]}'")
-        return queries
-
-
-class MissingVideoError(VmrError):
-    """An annotation names a video that a feature file the model reads does not hold."""
 
 
 class VmrModel(nn.Module):

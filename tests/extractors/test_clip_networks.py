@@ -17,10 +17,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from extractors import EXTRACTORS
-from extractors.c3d import C3D, PCAProjection
-from extractors.i3d import InceptionI3d, build_i3d_r50, i3d_r50_features
+from extractors.c3d import PCAProjection
 from extractors.slowfast import build_slowfast_r50, caffe2_key, slowfast_features
+from pipeline.nets.c3d import C3D
 from pipeline.nets.checkpoints import WeightsError
+from pipeline.nets.i3d import InceptionI3d, build_i3d_r50, i3d_r50_features
 
 
 def n_params(module: torch.nn.Module, skip: str | None = None) -> int:

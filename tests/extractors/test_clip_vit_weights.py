@@ -1,5 +1,7 @@
-"""CLIP ViT-B/32 extractor: every official weights format loads with every key used; preprocessing;
-determinism. Files are generated here in each format from a seeded random model (no downloads)."""
+"""CLIP ViT-B/32 extractor: every official weights format loads with every image-tower key used;
+preprocessing; determinism; the image tower alone, built on the meta device when weights are given,
+equals the whole open_clip model it replaced. Files are generated here in each format from a seeded
+random whole CLIP (both towers, as OpenAI ships it; no downloads)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from extractors import EXTRACTORS
 from extractors.clip import ClipExtractor
 from pipeline.core.provenance import sha256_file, weights_record
 from pipeline.nets.checkpoints import WeightsError
-from pipeline.nets.clip import IMAGE_MEAN, IMAGE_STD
+from pipeline.nets.clip import IMAGE_MEAN, IMAGE_STD, clip_vit_b_32
 
 
 class _OpenAIJit(torch.nn.Module):
@@ -35,8 +37,9 @@ class _OpenAIJit(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def reference():
-    """A 'pretrained' CLIP: seeded random weights, rounded to fp16 like OpenAI's release."""
-    model = ClipExtractor(ClipExtractor.Config(seed=123)).build_model()
+    """A 'pretrained' whole CLIP: seeded random weights, rounded to fp16 like OpenAI's release."""
+    torch.manual_seed(123)
+    model = clip_vit_b_32()
     return {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
 
 
@@ -45,7 +48,7 @@ def files(reference, tmp_path_factory):
     root = tmp_path_factory.mktemp("clipw")
     out = {}
     # 1. OpenAI TorchScript archive ViT-B-32.pt (clip.load(jit=True)): fp16, integer buffers
-    holder = ClipExtractor(ClipExtractor.Config(seed=5)).build_model()
+    holder = clip_vit_b_32()
     holder.load_state_dict({k: v.float() for k, v in reference.items()})
     jit = torch.jit.trace(_OpenAIJit(holder.half()), torch.ones(1, dtype=torch.half), check_trace=False)
     out["openai_jit"] = root / "ViT-B-32.pt"
@@ -79,11 +82,11 @@ def test_every_format_loads_every_key(fmt, files, reference):
     if fmt == "openai_jit":
         assert any("/code/" in n for n in zipfile.ZipFile(files[fmt]).namelist())  # really TorchScript
     ex = ClipExtractor()
-    model = ex.build_model()
-    ex.load_weights(model, str(files[fmt]))
+    model = ex.build_loaded(str(files[fmt]))  # on the meta device, then the file's tensors assigned
     loaded = model.state_dict()
-    assert set(loaded) == set(reference)
-    for key, tensor in reference.items():
+    image_tower = {k: v for k, v in reference.items() if k.startswith("visual.")}
+    assert set(loaded) == set(image_tower) and len(image_tower) < len(reference)  # the text tower is not built
+    for key, tensor in image_tower.items():
         assert torch.equal(loaded[key].half(), tensor), key
 
 
@@ -94,8 +97,7 @@ def test_formats_give_identical_features(files):
     x = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
     feats = []
     for fmt in ("openai_jit", "open_clip_train"):
-        model = ex.build_model()
-        ex.load_weights(model, str(files[fmt]))
+        model = ex.build_loaded(str(files[fmt]))
         with torch.inference_mode():
             feats.append(ex.embed(model.eval(), ex.preprocess(x)))
     assert feats[0].shape == (2, 512)
@@ -111,6 +113,8 @@ def test_bad_weights_name_the_file_and_keys(files, reference, tmp_path):
     ex = ClipExtractor()
     with pytest.raises(WeightsError, match=r"broken\.pt.*missing keys \[visual\.proj\].*unexpected keys \[visual\.extra\]"):
         ex.load_weights(ex.build_model(), str(tmp_path / "broken.pt"))
+    with pytest.raises(WeightsError, match=r"broken\.pt.*missing keys \[visual\.proj\]"):
+        ex.build_loaded(str(tmp_path / "broken.pt"))  # never a model with a tensor left on the meta device
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="junk.pt: not a readable torch checkpoint"):
         ex.load_weights(ex.build_model(), str(tmp_path / "junk.pt"))
@@ -152,3 +156,44 @@ def test_random_init_is_seeded_and_features_deterministic():
         a = ex.embed(ex.build_model(), ex.preprocess(x))
         b = ex.embed(ex.build_model(), ex.preprocess(x))
     assert torch.equal(a, b)
+
+
+def test_image_tower_equals_the_whole_open_clip_model():
+    """The seeded random init and the features of the image tower alone are byte-identical to those of
+    the whole open_clip model the extractor built before (same seed, `encode_image`)."""
+    ex = ClipExtractor(ClipExtractor.Config(seed=7))
+    tower = ex.build_model()
+    torch.manual_seed(7)
+    whole = clip_vit_b_32().eval()
+    expected = {k: v for k, v in whole.state_dict().items() if k.startswith("visual.")}
+    got = tower.state_dict()
+    assert set(got) == set(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    x = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(ex.embed(tower, ex.preprocess(x)), whole.encode_image(ex.preprocess(x)))
+
+
+def test_loaded_weights_skip_the_random_init_and_equal_the_old_path(tmp_path):
+    """With weights (an OpenAI-format state dict: whole CLIP, fp16), `build_loaded` builds on the meta
+    device, so nothing is initialised, and gives the features the whole open_clip model gives."""
+    torch.manual_seed(3)
+    whole = clip_vit_b_32().eval()
+    state = {k: v.half() if v.is_floating_point() else v for k, v in whole.state_dict().items()}
+    torch.save(state, tmp_path / "ViT-B-32.pt")
+    whole.load_state_dict({k: v.float() for k, v in state.items()})
+
+    ex = ClipExtractor()
+    calls = []
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(
+        lambda module, name, param: calls.append(param.device.type))
+    try:
+        model = ex.build_loaded(str(tmp_path / "ViT-B-32.pt")).eval()
+    finally:
+        handle.remove()
+    n = len(list(model.parameters()))
+    assert calls[:n] == ["meta"] * n  # every parameter was created on the meta device: no init paid
+    assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+    x = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        assert torch.equal(ex.embed(model, ex.preprocess(x)), whole.encode_image(ex.preprocess(x)))

@@ -18,9 +18,10 @@ def reference():
 
 
 def _loaded(path, **cfg):
+    """As the extract stage builds it with weights: on the meta device, then the file's tensors assigned."""
     ex = VggExtractor(VggExtractor.Config(**cfg))
-    model = ex.build_model()
-    ex.load_weights(model, str(path))
+    model = ex.build_loaded(str(path))
+    assert not any(t.is_meta for t in model.state_dict().values())
     return ex, model.eval()
 
 

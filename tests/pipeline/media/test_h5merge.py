@@ -136,3 +136,46 @@ def test_merged_files_open_in_a_mesm_style_reader(tmp_path):
         np.testing.assert_allclose(np.linalg.norm(v[:, :512], axis=1), 1, rtol=1e-5)
         pooled = mesm_video_features([a, b], "AO8RW", max_video_l=10)
         assert pooled.shape == (10, 2818)
+
+
+def test_uncompressed_datasets_are_the_bytes_h5py_create_dataset_writes(tmp_path):
+    """The merge writes uncompressed datasets with h5py's low-level calls (faster); the file is the one
+    the high-level `create_dataset(track_times=False)` writes, byte for byte."""
+    src = tmp_path / "npy"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {f"v{i}": rng.standard_normal((5 + i, 8)).astype(np.float32) for i in range(4)}
+    for vid, arr in arrays.items():
+        np.save(src / f"{vid}.npy", arr)
+    (src / "v1.json").write_text(json.dumps({"windows": [[i, i + 1] for i in range(6)]}))
+    merge_to_hdf5(src, tmp_path / "ours.h5", provenance={"stage": "t"})
+    with h5py.File(tmp_path / "ref.h5", "w", track_order=False) as h5:
+        for vid, arr in arrays.items():
+            ds = h5.create_dataset(vid, data=arr, track_times=False)
+            if vid == "v1":
+                ds.attrs["windows"] = np.asarray([[i, i + 1] for i in range(6)], dtype=np.float64)
+        h5.attrs["layout"], h5.attrs["dim"], h5.attrs["num_videos"] = "flat", 8, 4
+        h5.attrs["provenance"] = json.dumps({"stage": "t"}, sort_keys=True)
+    assert (tmp_path / "ours.h5").read_bytes() == (tmp_path / "ref.h5").read_bytes()
+
+
+def test_out_of_disk_space_stops_before_the_write_and_leaves_nothing(tmp_path, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    src = tmp_path / "npy"
+    src.mkdir()
+    for i in range(3):
+        np.save(src / f"v{i}.npy", np.ones((1000, 64), np.float32))  # 256 KB each
+    usage = namedtuple("usage", "total used free")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def disk_usage(path):  # a disk with room for two of the three videos: what is written uses it up
+        written = sum(f.stat().st_size for f in out.iterdir())
+        return usage(1 << 30, written, (1 << 20) + 600_000 - written)
+
+    monkeypatch.setattr(shutil_module, "disk_usage", disk_usage)
+    with pytest.raises(MergeError, match=r"out\.h5: out of disk space: video 'v2'"):
+        merge_to_hdf5(src, tmp_path / "out" / "out.h5")
+    assert list((tmp_path / "out").iterdir()) == []
