@@ -160,12 +160,16 @@ class C3DExtractor(Extractor):
 
     def mean_volume(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """`mean_file` as (16, 112, 112, 3) float32 in `channel_order`, cropped as the frames are."""
+        import torch
+
         device = torch.device(device)
         if device not in self._mean_volumes:
             self._mean_volumes[device] = self._load_mean_volume().to(device)
         return self._mean_volumes[device]
 
     def _load_mean_volume(self) -> torch.Tensor:
+        import torch
+
         path = self.config.mean_file
         volume = read_blob_proto(path)
         if volume.shape != C3D_MEAN_VOLUME_SHAPE:
