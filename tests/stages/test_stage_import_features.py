@@ -147,5 +147,5 @@ def test_decode_keeps_no_frames_for_an_imported_feature(tmp_path):
     path = write_params(tmp_path, {"clip": {"path": "x", "published": "qvhighlights_clip"}},
                         features=["clip", "vgg"], models=[])
     params = load_params(path, registries=(EXTRACTORS, MODELS))
-    assert params.extracted_features() == ["vgg"] and members(params) == [EXTRACTORS.get("vgg")]
+    assert params.extracted_features() == ["vgg"] and members(params) == EXTRACTORS.modules("vgg")
     assert [p.key for p in protocols_for(params)] == [EXTRACTORS.get("vgg")(EXTRACTORS.config(params, "vgg")).protocol().key]

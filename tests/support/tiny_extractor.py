@@ -80,7 +80,9 @@ def register(monkeypatch) -> None:
 
     EXTRACTORS.names()  # the real ones first
     monkeypatch.setitem(EXTRACTORS._members, "tiny", Tiny)
-    project_only = lambda stage, members=(): stage_code(stage, [m for m in members if m is not Tiny])  # noqa: E731
+    # members are classes or module names (`Registry.modules`)
+    project_only = lambda stage, members=(): stage_code(  # noqa: E731
+        stage, [m for m in members if m is not Tiny and m != Tiny.__module__])
     for module in (stages.decode, stages.extract):
         monkeypatch.setattr(module, "stage_code", project_only)
 
