@@ -135,7 +135,7 @@ class C3DExtractor(Extractor):
         torch.manual_seed(self.config.seed)
         pca = None
         if self.config.pca:
-            weights_record(self.config.pca, self.config.pca_sha256)  # raises on a digest mismatch
+            weights_record(self.config.pca, self.config.pca_sha256, "PCA file")  # raises on a digest mismatch
             pca = PCAProjection.from_file(self.config.pca, self.config.pca_dim)
         return C3DFeatures(self.config.layer, pca).eval()
 
@@ -192,7 +192,8 @@ class C3DExtractor(Extractor):
             out["pca_sha256"] = sha256_file(self.config.pca)
         if self.config.mean_file:
             # checked like weights, and read now: a bad file fails before any video is extracted
-            out["mean_file_sha256"] = weights_record(self.config.mean_file, self.config.mean_file_sha256)
+            out["mean_file_sha256"] = weights_record(self.config.mean_file, self.config.mean_file_sha256,
+                                                     "C3D mean file")
             self.mean_volume()
         out["plan"] = self.plan(10_000).info
         return out

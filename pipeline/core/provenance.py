@@ -77,8 +77,10 @@ def code_version(code: tuple[str, ...] | list[str] = PACKAGES) -> str:
     return f"vmr-{__version__}+code.{h.hexdigest()[:12]}"
 
 
-def weights_record(path: str | os.PathLike | None, expected_sha256: str | None = None) -> str:
+def weights_record(path: str | os.PathLike | None, expected_sha256: str | None = None,
+                   kind: str = "weights file") -> str:
     """sha256 of a weights file (checked against `expected_sha256` when given), or "random".
+    `kind` names the file in the error (e.g. "C3D mean file").
 
     Random init is loud: a line on stderr every time, and the string lands in the provenance.
     """
@@ -88,7 +90,7 @@ def weights_record(path: str | os.PathLike | None, expected_sha256: str | None =
     digest = sha256_file(path)
     if expected_sha256 and digest != expected_sha256.lower():
         raise ChecksumError(
-            f"weights file {path}: sha256 {digest} does not match the expected {expected_sha256}"
+            f"{kind} {path}: sha256 {digest} does not match the expected {expected_sha256}"
         )
     return digest
 

@@ -162,7 +162,7 @@ def test_vmr_extract_refuses_a_wrong_digest_or_a_damaged_mean_file(workspace, mo
                      "extractors.c3d.mean_file_sha256=" + "ab" * 32)
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(error) == 1, result.output
-    assert str(mean_file) in error[0] and "does not match the expected " + "ab" * 32 in error[0]
+    assert f"C3D mean file {mean_file}: sha256" in error[0] and "does not match the expected " + "ab" * 32 in error[0]
 
     damaged = workspace / "damaged_mean.binaryproto"
     damaged.write_bytes(mean_file.read_bytes()[:100_000])
