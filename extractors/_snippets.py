@@ -342,9 +342,10 @@ def i3d_resize_crop(frames: torch.Tensor, min_side: int = 226, crop: int = 224) 
     return frames[:, y : y + crop, x : x + crop]
 
 
-def c3d_resize_crop(frames: torch.Tensor, height: int = 128, width: int = 171, crop: int = 112) -> torch.Tensor:
-    frames = _resize(frames, height, width)
-    y, x = (height - crop) // 2, (width - crop) // 2
+def center_crop(frames: torch.Tensor, crop: int) -> torch.Tensor:
+    """(T, H, W, C) -> (T, crop, crop, C) at int((size - crop) / 2), as decode crops (Caffe: integer halves)."""
+    h, w = frames.shape[1:3]
+    y, x = (h - crop) // 2, (w - crop) // 2
     return frames[:, y : y + crop, x : x + crop]
 
 

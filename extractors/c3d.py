@@ -4,12 +4,15 @@ Network: 8 convolutions (3x3x3, pad 1) and 5 pools, fc6/fc7 4096-d, fc8 487 Spor
 input 3 x 16 x 112 x 112. `c3d.pickle` is a plain state dict (`conv1.weight` ... `fc8.bias`) and
 loads strictly. Features are post-ReLU (Caffe's fc6-1/fc7-1 blobs were post-ReLU: in-place ReLU).
 
-Preprocessing (recorded in provenance): frames resized to 128x171 (HxW), centre crop 112 at
-(8, 29), channels in BGR order (Caffe), minus a mean on the 0..255 scale. By default the mean is
-per channel, [90, 98, 102] (BGR): the rounded convention of the common PyTorch ports. With
-`mean_file` (Caffe's `sport1m_train16_128_mean.binaryproto`) it is Caffe's per-pixel mean volume
-3 x 16 x 128 x 171: frame f of each 16-frame unit minus mean frame f, cropped where the frames are
-(Caffe's TEST-phase centre crop), scale 1; only this gives the Caffe model's exact input.
+Preprocessing (recorded in provenance), Caffe's: every native frame resized once to 128x171 (HxW)
+with OpenCV's bilinear `cv2.resize` (Caffe's `cv::resize`; decode does it, from the native-size
+frame), centre crop 112 at (8, 29), channels in BGR order, minus a mean on the 0..255 scale. By
+default the mean is per channel: the channel means of the Sports-1M mean volume (BGR 90.2516,
+97.6570, 101.4083; the common PyTorch ports round them to [90, 98, 102]). With `mean_file` it is
+that volume itself, per pixel, 3 x 16 x 128 x 171 (Caffe's `sport1m_train16_128_mean.binaryproto`,
+or the `.npy` cube the Keras/TensorFlow ports converted it to): frame f of each 16-frame unit minus
+mean frame f, cropped where the frames are (Caffe's TEST-phase centre crop), scale 1; only this
+gives the Caffe model's exact input.
 
 Protocols:
 - `clips16`: 16-frame snippets every 8 frames (the ActivityNet challenge protocol; also ViGA's TACoS
@@ -38,7 +41,7 @@ from extractors._base import (
     torch_load,
     unwrap_state_dict,
 )
-from extractors._snippets import c3d_plan, c3d_resize_crop, make_units
+from extractors._snippets import c3d_plan, center_crop, make_units
 from pipeline.core.provenance import sha256_file, weights_record
 from pipeline.nets.caffe_blob import BlobProtoError, read_blob_proto
 
@@ -46,8 +49,11 @@ if TYPE_CHECKING:  # imported where used: `vmr decode` reads this module without
     import torch
 
 C3D_FEATURE_DIM = 4096
-C3D_MEAN_BGR = (90.0, 98.0, 102.0)
+# Channel means (B, G, R) of Caffe's Sports-1M mean volume (sport1m_train16_128_mean), computed in
+# float64 over its 16 x 128 x 171 pixels from the Keras port's converted cube (docs/snippet_extractors.md).
+C3D_MEAN_BGR = (90.25164677, 97.65700354, 101.40833461)
 C3D_MEAN_VOLUME_SHAPE = (1, 3, 16, 128, 171)  # sport1m_train16_128_mean: (num, BGR, frames, H, W)
+C3D_FRAME_SIZE, C3D_CROP = (128, 171), 112
 
 
 # -- ActivityNet PCA ------------------------------------------------------------------------------
@@ -86,6 +92,19 @@ class PCAProjection:
         return ((x.astype(np.float64) - self.mean) @ self.components).astype(np.float32)
 
 
+def read_mean_cube(path: str) -> np.ndarray:
+    """The Sports-1M mean volume as the Keras/TensorFlow C3D ports ship it (`train01_16_128_171_mean.npy`:
+    (3, 16, 128, 171), BGR, float64 holding Caffe's float32 values) as float32, the dtype Caffe subtracts in.
+    """
+    try:
+        volume = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise BlobProtoError(f"{path}: not a readable .npy mean cube ({err})") from err
+    if not np.issubdtype(volume.dtype, np.floating):
+        raise BlobProtoError(f"{path}: C3D mean cube must hold floats, got {volume.dtype}")
+    return volume.astype(np.float32)  # lossless for the converted cube: its values are Caffe's float32s
+
+
 @EXTRACTORS.register("c3d")
 class C3DExtractor(Extractor):
     """C3D (Sports-1M) fc6/fc7, 4096-d (500-d with the ActivityNet PCA)."""
@@ -100,7 +119,8 @@ class C3DExtractor(Extractor):
         layer: Literal["fc6", "fc7"] = "fc6"  # TALL/TACoS: fc6; ActivityNet: fc7 (+ PCA 500)
         channel_order: Literal["bgr", "rgb"] = "bgr"  # Caffe C3D was trained on BGR
         mean: tuple[float, float, float] = C3D_MEAN_BGR  # per channel, in `channel_order`, 0..255 scale
-        # Caffe's per-pixel mean volume (sport1m_train16_128_mean.binaryproto); replaces `mean` when set
+        # Caffe's per-pixel mean volume (sport1m_train16_128_mean.binaryproto, or the ports' (3, 16, 128,
+        # 171) .npy cube); replaces `mean` when set
         mean_file: str | None = None
         mean_file_sha256: str | None = None
         pca: str | None = None  # ActivityNet PCA_activitynet_v1-3.hdf5 (U, S, x_mean)
@@ -115,9 +135,8 @@ class C3DExtractor(Extractor):
         self._mean_volumes: dict[torch.device, torch.Tensor] = {}  # `mean_file`, read once per device
 
     def protocol(self) -> SamplingProtocol:
-        # Every native frame, short side 128: `group` finishes the 128x171 resize and 112 crop
-        # (a short-side resize cannot express 171-wide frames for every aspect ratio).
-        return SamplingProtocol(rule="all", short_side=128, crop=0)
+        # Every native frame resized once to 128x171 by OpenCV (Caffe's cv::resize), cropped 112.
+        return SamplingProtocol(rule="all", short_side=0, size=C3D_FRAME_SIZE, crop=C3D_CROP, resizer="opencv")
 
     def plan(self, num_frames: int):
         c = self.config
@@ -125,7 +144,7 @@ class C3DExtractor(Extractor):
 
     def group(self, frames, windows, video: VideoInfo | None = None):
         plan = self.plan(len(frames))
-        return make_units(frames, plan.snippets, c3d_resize_crop), plan.row_windows(windows)
+        return make_units(frames, plan.snippets), plan.row_windows(windows)
 
     def build_model(self) -> torch.nn.Module:
         import torch
@@ -171,7 +190,9 @@ class C3DExtractor(Extractor):
         import torch
 
         path = self.config.mean_file
-        volume = read_blob_proto(path)
+        volume = read_mean_cube(path) if str(path).endswith(".npy") else read_blob_proto(path)
+        if volume.shape == C3D_MEAN_VOLUME_SHAPE[1:]:  # the ports' .npy cube has no `num` axis
+            volume = volume[None]
         if volume.shape != C3D_MEAN_VOLUME_SHAPE:
             raise BlobProtoError(
                 f"{path}: C3D mean volume must be (num, channels, length, height, width) = "
@@ -181,7 +202,7 @@ class C3DExtractor(Extractor):
         if self.config.channel_order == "rgb":
             frames = frames.flip(-1)
         # the same crop as the frames (no resize: already 128x171), i.e. Caffe's TEST-phase offsets
-        return c3d_resize_crop(frames).contiguous()
+        return center_crop(frames, C3D_CROP).contiguous()
 
     def embed(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)

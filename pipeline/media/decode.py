@@ -401,9 +401,14 @@ def scaled_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     return short_side, int(width * short_side / height)
 
 
+def target_size(height: int, width: int, proto) -> tuple[int, int]:
+    """(H, W) an upright height x width frame is resized to, before the crop."""
+    return tuple(proto.size) if proto.size else scaled_size(height, width, proto.short_side)
+
+
 def output_shape(height: int, width: int, proto) -> tuple[int, int, int]:
     """(H, W, 3) of the stored frames for a video whose upright frames are height x width."""
-    h, w = scaled_size(height, width, proto.short_side)
+    h, w = target_size(height, width, proto)
     if proto.crop:
         if h < proto.crop or w < proto.crop:
             raise DecodeError(f"frame {w}x{h} is smaller than the {proto.crop}x{proto.crop} crop")
@@ -415,33 +420,42 @@ def resize_crop(src: Any, proto, rotation: int = 0, reformatter: Any = None) -> 
     """One frame in a protocol's size: uint8 RGB (H, W, 3), upright.
 
     `src` is an upright RGB array (decord) or an `av.VideoFrame` in storage orientation with a display
-    rotation (counter-clockwise degrees). Resizing is swscale (PyAV `reformat`) with the protocol's
-    interpolation; the crop is centred at int((size - crop) / 2) as HERO does. Pass one
+    rotation (counter-clockwise degrees). Resizing is the protocol's `resizer` with its interpolation:
+    swscale (PyAV `reformat`), or OpenCV's `cv2.resize` from the native-size RGB frame (what a
+    `cv2.VideoCapture` reader gets: the same YUV -> RGB conversion, tested). The crop is centred at
+    int((size - crop) / 2) as HERO does (and Caffe's (size - crop) / 2 in integers). Pass one
     `av.video.reformatter.VideoReformatter` per protocol for all frames of a video: it keeps its swscale
     context (same pixels), where `frame.reformat` builds a new one per frame (about half the cost).
     One swscale thread: parallelism is across videos, like the decoder's (same pixels either way).
     """
     import av
 
-    reformatter = reformatter or av.video.reformatter.VideoReformatter()
-
     k = (rotation // 90) % 4
-    interp = proto.interpolation.upper()
-    if isinstance(src, av.VideoFrame):
+    if proto.resizer == "opencv":
+        img = src.to_ndarray(format="rgb24") if isinstance(src, av.VideoFrame) else src
+        if k and isinstance(src, av.VideoFrame):
+            img = np.rot90(img, k)
+        h, w = target_size(img.shape[0], img.shape[1], proto)
+        if (h, w) != img.shape[:2]:
+            img = opencv_resize(img, h, w, proto.interpolation)
+    elif isinstance(src, av.VideoFrame):
+        reformatter = reformatter or av.video.reformatter.VideoReformatter()
         upright_h, upright_w = (src.width, src.height) if k % 2 else (src.height, src.width)
-        h, w = scaled_size(upright_h, upright_w, proto.short_side)
+        h, w = target_size(upright_h, upright_w, proto)
         sw, sh = (h, w) if k % 2 else (w, h)  # target in storage orientation
         if (sw, sh) != (src.width, src.height):
-            src = reformatter.reformat(src, width=sw, height=sh, format="rgb24", interpolation=interp, threads=1)
+            src = reformatter.reformat(src, width=sw, height=sh, format="rgb24",
+                                       interpolation=proto.interpolation.upper(), threads=1)
         img = src.to_ndarray(format="rgb24")
         if k:
             img = np.rot90(img, k)
     else:
+        reformatter = reformatter or av.video.reformatter.VideoReformatter()
         img = src
-        h, w = scaled_size(img.shape[0], img.shape[1], proto.short_side)
+        h, w = target_size(img.shape[0], img.shape[1], proto)
         if (h, w) != img.shape[:2]:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-            img = reformatter.reformat(frame, width=w, height=h, interpolation=interp, threads=1)
+            img = reformatter.reformat(frame, width=w, height=h, interpolation=proto.interpolation.upper(), threads=1)
             img = img.to_ndarray(format="rgb24")
     if proto.crop:
         if h < proto.crop or w < proto.crop:
@@ -449,6 +463,16 @@ def resize_crop(src: Any, proto, rotation: int = 0, reformatter: Any = None) -> 
         y, x = int((h - proto.crop) / 2), int((w - proto.crop) / 2)
         img = img[y : y + proto.crop, x : x + proto.crop]
     return np.ascontiguousarray(img)
+
+
+def opencv_resize(img: np.ndarray, height: int, width: int, interpolation: str = "bilinear") -> np.ndarray:
+    """`cv2.resize` of a uint8 (H, W, 3) frame: OpenCV's fixed-point bilinear (or bicubic), per channel,
+    so RGB and BGR give the same pixels. One OpenCV thread: parallelism is across videos."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    flag = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}[interpolation]
+    return cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=flag)
 
 
 # -- one video -------------------------------------------------------------------------------------

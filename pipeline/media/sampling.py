@@ -36,8 +36,11 @@ class SamplingProtocol:
     - `every_n`: source frames 0, n, 2n, ... (CNM "every 8 frames", C3D units).
     - `all`: every decoded frame.
 
-    Spatial: resize so the short side is `short_side` (0: keep), then centre-crop a `crop` x `crop`
-    square (0: no crop), with `interpolation`; frames are stored uint8 RGB.
+    Spatial: resize so the short side is `short_side` (0: keep), or to exactly `size` = (height,
+    width) whatever the aspect ratio (Caffe C3D's 128 x 171), then centre-crop a `crop` x `crop` square
+    (0: no crop), with `interpolation`; frames are stored uint8 RGB. `resizer` is the library that
+    resizes, as the published protocol's own code did: `swscale` (FFmpeg's scaler: HERO's ffmpeg
+    `scale` filter) or `opencv` (`cv2.resize`: Caffe C3D's `cv::resize` and the cv2-based ports).
     """
 
     rule: Rule = "fps_filter"
@@ -47,6 +50,8 @@ class SamplingProtocol:
     crop: int = 224
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     hero_short_video: bool = False
+    size: tuple[int, int] | None = None  # (height, width); replaces short_side
+    resizer: Literal["swscale", "opencv"] = "swscale"
 
     def __post_init__(self) -> None:
         if self.rule in ("fps_filter", "uniform") and not self.rate > 0:
@@ -55,6 +60,14 @@ class SamplingProtocol:
             raise ValueError(f"sampling rule every_n needs every_n >= 1, got {self.every_n}")
         if self.short_side < 0 or self.crop < 0:
             raise ValueError("short_side and crop must be >= 0")
+        if self.size is not None:
+            object.__setattr__(self, "size", tuple(self.size))  # a list from JSON: same protocol, same key
+            if len(self.size) != 2 or min(self.size) < 1:
+                raise ValueError(f"size must be (height, width) >= 1, got {self.size}")
+            if self.short_side:
+                raise ValueError("set either short_side or size, not both")
+            if self.crop and self.crop > min(self.size):
+                raise ValueError(f"crop {self.crop} does not fit in size {self.size}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -68,8 +81,13 @@ class SamplingProtocol:
             rate = str(self.every_n)
         else:
             rate = "1"
-        digest = hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
-        return f"{self.rule}-{rate}-s{self.short_side}-c{self.crop}-{digest}"
+        fields = self.as_dict()
+        for name, default in (("size", None), ("resizer", "swscale")):  # added later: older keys stay valid
+            if fields[name] == default:
+                del fields[name]
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+        side = f"{self.size[0]}x{self.size[1]}" if self.size else self.short_side
+        return f"{self.rule}-{rate}-s{side}-c{self.crop}-{digest}"
 
 
 # Frame times come from the decoder as floats (pts * time_base); the rules compare them with slot

@@ -60,9 +60,11 @@ def test_preprocess_subtracts_the_cropped_volume_frame_by_frame(tmp_path):
     assert np.array_equal(rgb[0, ::-1], caffe_input(frames[0, :16], mean))
 
 
-def test_without_mean_file_the_per_channel_mean_stays():
-    px = torch.tensor([10, 20, 30], dtype=torch.uint8).view(1, 1, 1, 1, 3)
-    assert c3d().preprocess(px).flatten().tolist() == [30 - 90.0, 20 - 98.0, 10 - 102.0]
+def test_without_mean_file_the_channel_means_of_the_sport1m_volume_are_subtracted():
+    # (B, G, R) means of sport1m_train16_128_mean over its 16 x 128 x 171 pixels (docs/snippet_extractors.md)
+    channel_means = np.array([90.25164677, 97.65700354, 101.40833461], np.float32)
+    px = torch.tensor([10, 20, 30], dtype=torch.uint8).view(1, 1, 1, 1, 3)  # RGB
+    assert c3d().preprocess(px).flatten().tolist() == (np.float32([30, 20, 10]) - channel_means).tolist()
 
 
 def test_a_mean_volume_of_another_shape_is_refused(tmp_path):

@@ -287,7 +287,7 @@ def test_c3d_tall_window_is_mean_of_unit_features():
 
 
 def test_c3d_preprocess_bgr_minus_mean():
-    ex = EXTRACTORS.get("c3d")()
+    ex = EXTRACTORS.get("c3d")(EXTRACTORS.get("c3d").Config(mean=(90, 98, 102)))  # the ports' rounded mean
     px = torch.tensor([10, 20, 30], dtype=torch.uint8).view(1, 1, 1, 1, 3)
     assert ex.preprocess(px).flatten().tolist() == [30 - 90.0, 20 - 98.0, 10 - 102.0]
 

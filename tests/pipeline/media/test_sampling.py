@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -104,3 +106,19 @@ def test_protocol_keys_are_stable_and_distinct():
     assert a.key == SamplingProtocol(rule="fps_filter", rate=1.0).key
     assert a.key.startswith("fps_filter-1-s224-c224-")
     assert a.key != SamplingProtocol(rule="fps_filter", rate=1.0, interpolation="bicubic").key
+    # the fields added for C3D (exact size, OpenCV resizer) leave the keys of existing protocols as they were:
+    # frame stores and trained models' recipes written before them still match
+    assert a.key == "fps_filter-1-s224-c224-44ffc7d9"
+    c3d = SamplingProtocol(rule="all", short_side=0, size=[128, 171], crop=112, resizer="opencv")
+    assert c3d.size == (128, 171) and c3d == SamplingProtocol(**json.loads(json.dumps(c3d.as_dict())))
+    assert c3d.key.startswith("all-1-s128x171-c112-")
+    assert c3d.key != SamplingProtocol(rule="all", short_side=0, size=(128, 171), crop=112).key
+
+
+def test_an_exact_size_is_checked():
+    with pytest.raises(ValueError, match="either short_side or size"):
+        SamplingProtocol(rule="all", short_side=128, size=(128, 171))
+    with pytest.raises(ValueError, match=r"crop 224 does not fit in size \(128, 171\)"):
+        SamplingProtocol(rule="all", short_side=0, size=(128, 171), crop=224)
+    with pytest.raises(ValueError, match="size must be"):
+        SamplingProtocol(rule="all", short_side=0, size=(0, 171), crop=0)
