@@ -1,7 +1,7 @@
 """Throughput of the snippet-level extractors: end to end vs the model alone, plus FLOPs per snippet.
 
 End to end = what `vmr extract` does per batch after decode: gather the snippet's kept frames from a
-memory-mapped frame-store array (`group`, incl. the per-snippet resize/crop of I3D and C3D), copy to
+memory-mapped frame-store array (`group`, incl. the per-snippet resize/crop of I3D; C3D's frames come resized), copy to
 the device, `preprocess`, `embed`. Model alone = `embed` on the same, already preprocessed batch on
 the device. The ratio (target >= 0.8) says how much the per-snippet data handling costs.
 
@@ -29,10 +29,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from extractors import EXTRACTORS
 from extractors._base import VideoInfo
+from pipeline.media.decode import output_shape
 
-# stored frame size (H, W) and kept-frame rate of each extractor's protocol, as decode writes them
-STORE = {"slowfast": ((224, 224), 30.0), "i3d": ((240, 320), 24.0), "i3d_r50": ((224, 224), 30.0),
-         "c3d": ((128, 171), 29.97)}
+# kept-frame rate of each extractor's protocol; the frames' size is what decode writes for a 320 x 240 video
+RATE = {"slowfast": 30.0, "i3d": 24.0, "i3d_r50": 30.0, "c3d": 29.97}
+SOURCE_HEIGHT, SOURCE_WIDTH = 240, 320
 # (input shapes of one snippet, published multiply-adds in G, source)
 PUBLISHED = {
     "slowfast": ("8+32x224x224", 65.71 * (224 / 256) ** 2, "model_zoo 65.71 GMACs at 256^2, area-scaled"),
@@ -54,9 +55,10 @@ def flops_per_clip(name: str) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def make_store(name: str, seconds: float, tmp: Path) -> tuple[np.ndarray, np.ndarray]:
+def make_store(ex, seconds: float, tmp: Path) -> tuple[np.ndarray, np.ndarray]:
     """A memory-mapped (N, H, W, 3) uint8 array like the frame store's, and its windows."""
-    (h, w), rate = STORE[name]
+    name, rate = ex.name, RATE[ex.name]
+    h, w, _ = output_shape(SOURCE_HEIGHT, SOURCE_WIDTH, ex.protocol())
     n = int(round(seconds * rate))
     rng = np.random.default_rng(0)
     path = tmp / f"{name}.npy"
@@ -80,8 +82,8 @@ def bench(name: str, args, tmp: Path) -> dict:
     model = ex.build_model().eval().to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    frames, windows = make_store(name, args.seconds, tmp)
-    units, _ = ex.group(frames, windows, video=VideoInfo(name, STORE[name][1], args.seconds))
+    frames, windows = make_store(ex, args.seconds, tmp)
+    units, _ = ex.group(frames, windows, video=VideoInfo(name, RATE[name], args.seconds))
     n = min(len(units), args.snippets)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
