@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -131,9 +132,17 @@ def _open_video(path: Path) -> tuple[Any, Any]:
 
 def _stream_facts(container: Any, stream: Any) -> dict[str, Any]:
     """Codec, size, start offset of the video stream from the file start, rate and durations."""
+    import av
+
     tb = float(stream.time_base) if stream.time_base else 0.0
     file_start = container.start_time / 1e6 if container.start_time is not None else 0.0
     stream_start = stream.start_time * tb if stream.start_time is not None else file_start
+    if len(container.streams) > 1:
+        file_start = min(file_start, _first_packet_start(container.name))
+    if container.format.flags & av.format.Flags.ts_discont.value and stream_start > file_start:
+        # FFmpeg 5.1's command line re-anchors a file with timestamp discontinuities (MPEG-TS/PS) at the
+        # earliest start of the streams it reads ("Correcting start time"); vmr reads only the video
+        file_start = stream_start
     return {
         "codec": stream.codec_context.codec.canonical_name,  # "av1", not the decoder ("libdav1d")
         "width": stream.codec_context.width,
@@ -149,6 +158,29 @@ def _stream_facts(container: Any, stream: Any) -> dict[str, Any]:
 
 def _rotation(frame: Any) -> int:
     return int(getattr(frame, "rotation", 0) or 0) % 360
+
+
+def _first_packet_start(path: str, max_packets: int = 1000) -> float:
+    """The earliest time of the first shown packet of any stream, in seconds (inf if none seen).
+
+    FFmpeg 5.1 starts a file there. Newer libavformat moves an audio stream's start past its encoder
+    priming (AAC or Opus in Matroska: the first packet at -0.064 s, the stream start at 0), which moves
+    every slot of the fps filter; vmr follows 5.1 (docs/features.md). A second open reads only the
+    first packets (the stream being decoded keeps its position).
+    """
+    import av
+
+    firsts: dict[int, float] = {}
+    try:
+        with av.open(path) as container:
+            for n, packet in enumerate(container.demux()):
+                if _shown(packet) and packet.stream.index not in firsts:
+                    firsts[packet.stream.index] = float(packet.pts * packet.time_base)
+                if len(firsts) == len(container.streams) or n >= max_packets:
+                    break
+    except av.error.FFmpegError:
+        pass  # the reader reports what is wrong with the file
+    return min(firsts.values(), default=math.inf)
 
 
 def probe(path: Path) -> dict[str, Any]:

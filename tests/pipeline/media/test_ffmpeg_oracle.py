@@ -109,8 +109,6 @@ def cfr(fps: Fraction, n: int, start: Fraction = Fraction(0)) -> list[Fraction]:
 # agree with 5.1's binary; docs/features.md lists these cases. Strict: a fix makes the test fail.
 VERSION_DIFFERENCES = {
     "offset_no_audio": "mp4 with an edit list: 5.1's mov demuxer gives the last frame no duration (one slot fewer)",
-    "mkv_late": "Matroska with AAC priming: 5.1 starts the file at the audio's -0.064 s, newer demuxers at 0",
-    "mpegts_late": "MPEG-TS: 5.1 'corrects' the start time to the video's; newer demuxers keep the audio's",
 }
 
 
