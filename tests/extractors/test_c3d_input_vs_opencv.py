@@ -16,13 +16,8 @@ import av
 import cv2
 import numpy as np
 import pytest
-import torch
-import yaml
+from support.c3d_cli import decode_workspace, extract, record_network_inputs
 from support.caffe import write_blob_proto
-from typer.testing import CliRunner
-
-from extractors.c3d import C3DExtractor
-from pipeline.cli import app
 
 FRAMES = 21  # clips16, stride 8, tail pad: clips at 0, 8, 16; frames past 20 repeat frame 20
 SIZES = {"landscape": (320, 240), "wide": (640, 360), "portrait": (240, 320)}  # (width, height)
@@ -66,45 +61,22 @@ def opencv_clips(path: Path, mean: np.ndarray) -> np.ndarray:
     return np.stack(clips)
 
 
-def run(*args) -> object:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module", params=["pyav", "decord"])
 def workspace(request, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp(f"c3dcv-{request.param}")
     (root / "videos").mkdir()
     for name, (width, height) in SIZES.items():
         write_textured_video(root / "videos" / f"{name}.mp4", width, height)
-    params = {
-        "features": ["c3d"],
-        "dataset": {"video_dir": str(root / "videos")},
-        "decode": {"out_dir": str(root / "frames"), "workers": 1, "backend": request.param, "store_frames": "none"},
-        "merge": {"npy_dir": str(root / "npy"), "out_dir": str(root / "features")},
-        "extractors": {"c3d": {"protocol": "clips16", "stride": 8, "tail": "pad", "batch_size": 3}},
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    result = run("decode", "--params", root / "params.yaml")
-    assert result.exit_code == 0, result.output
-    return root
+    return decode_workspace(root, batch_size=3, backend=request.param, store_frames="none")
 
 
 def network_inputs(root: Path, monkeypatch, npy: str, *sets: str) -> dict[str, np.ndarray]:
     """Per video, what `vmr extract --feature c3d` feeds the network (batches of 3 = one video's clips)."""
-    seen = []
-
-    def record_input(self, model, x):
-        seen.append(x.clone().numpy())
-        return torch.zeros(len(x), self.dim)
-
-    monkeypatch.setattr(C3DExtractor, "embed", record_input)
-    args = ["extract", "--feature", "c3d", "--params", root / "params.yaml", "--set", f"merge.npy_dir={root / npy}"]
-    for s in sets:
-        args += ["--set", s]
-    result = run(*args)
+    seen = record_network_inputs(monkeypatch)
+    result = extract(root, npy, *sets)
     assert result.exit_code == 0, result.output
     assert len(seen) == len(SIZES)  # one batch per video, videos in sorted order
-    return dict(zip(sorted(SIZES), seen, strict=True))
+    return dict(zip(sorted(SIZES), (x.numpy() for x in seen), strict=True))
 
 
 def test_default_input_equals_opencv_resize_and_the_sport1m_channel_means(workspace, monkeypatch):

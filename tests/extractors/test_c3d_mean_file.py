@@ -16,13 +16,11 @@ import av
 import numpy as np
 import pytest
 import torch
-import yaml
+from support.c3d_cli import decode_workspace, extract, record_network_inputs
 from support.caffe import write_blob_proto
-from typer.testing import CliRunner
 
 from extractors import EXTRACTORS
 from extractors.c3d import C3DExtractor
-from pipeline.cli import app
 from pipeline.core.provenance import sha256_file
 from pipeline.nets.caffe_blob import BlobProtoError
 
@@ -100,46 +98,19 @@ def decoded_frames(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def run(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("c3dmean")
     (root / "videos").mkdir()
     write_textured_video(root / "videos" / "clip.mp4")
     write_blob_proto(root / "sport1m_train16_128_mean.binaryproto", mean_volume(2))
-    params = {
-        "features": ["c3d"],
-        "dataset": {"video_dir": str(root / "videos")},
-        "decode": {"out_dir": str(root / "frames"), "workers": 1, "backend": "pyav"},
-        "merge": {"npy_dir": str(root / "npy"), "out_dir": str(root / "features")},
-        "extractors": {"c3d": {"protocol": "clips16", "stride": 8, "tail": "pad", "batch_size": 4}},
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    result = run("decode", "--params", root / "params.yaml")
-    assert result.exit_code == 0, result.output
-    return root
-
-
-def extract(root: Path, npy: str, *sets: str):
-    args = ["extract", "--feature", "c3d", "--params", root / "params.yaml", "--set", f"merge.npy_dir={root / npy}"]
-    for s in sets:
-        args += ["--set", s]
-    return run(*args)
+    return decode_workspace(root, batch_size=4)
 
 
 def test_vmr_extract_feeds_c3d_exactly_caffes_input(workspace, monkeypatch):
     """The inputs the network gets under `vmr extract` equal Caffe's, bit for bit (the network itself is
     stubbed: what is under test is its input)."""
-    seen = []
-
-    def record_input(self, model, x):
-        seen.append(x.clone())
-        return torch.zeros(len(x), self.dim)
-
-    monkeypatch.setattr(C3DExtractor, "embed", record_input)
+    seen = record_network_inputs(monkeypatch)
     mean_file = workspace / "sport1m_train16_128_mean.binaryproto"
     digest = sha256_file(mean_file)
     result = extract(workspace, "npy", f"extractors.c3d.mean_file={mean_file}", f"extractors.c3d.mean_file_sha256={digest}")
@@ -177,3 +148,15 @@ def test_vmr_extract_refuses_a_wrong_digest_or_a_damaged_mean_file(workspace, mo
     assert result.exit_code == 2 and len(error) == 1 and "absent.binaryproto" in error[0], result.output
     for npy in ("npy_digest", "npy_damaged", "npy_missing"):  # nothing written for any
         assert not list((workspace / npy).rglob("*.npy"))
+
+
+def test_a_bad_npy_mean_cube_is_refused_with_its_name(tmp_path):
+    damaged = tmp_path / "train01_16_128_171_mean.npy"
+    np.save(damaged, np.zeros((3, 16, 128, 171)))
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    with pytest.raises(BlobProtoError, match=r"train01_16_128_171_mean.npy: not a readable .npy mean cube"):
+        c3d(mean_file=str(damaged)).mean_volume()
+    other = tmp_path / "other_mean.npy"
+    np.save(other, np.zeros((3, 16, 112, 112)))
+    with pytest.raises(BlobProtoError, match=r"other_mean.npy: C3D mean volume must be .* got \(3, 16, 112, 112\)"):
+        c3d(mean_file=str(other)).mean_volume()
