@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import math
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -39,6 +38,7 @@ from pipeline.core.codedeps import import_closure
 from pipeline.core.provenance import code_version
 from pipeline.media import replay
 from pipeline.media.decode_pool import TaskError, first_line, run_pool
+from pipeline.media.ffmpeg51 import first_packet_start, is_mov, mov_last_duration, shown
 from pipeline.media.framestore import FAILURES, MANIFEST, RECORDS_DIR, FrameStore, durations_path
 from pipeline.media.sampling import select
 
@@ -138,7 +138,7 @@ def _stream_facts(container: Any, stream: Any) -> dict[str, Any]:
     file_start = container.start_time / 1e6 if container.start_time is not None else 0.0
     stream_start = stream.start_time * tb if stream.start_time is not None else file_start
     if len(container.streams) > 1:
-        file_start = min(file_start, _first_packet_start(container.name))
+        file_start = min(file_start, first_packet_start(container.name))
     if container.format.flags & av.format.Flags.ts_discont.value and stream_start > file_start:
         # FFmpeg 5.1's command line re-anchors a file with timestamp discontinuities (MPEG-TS/PS) at the
         # earliest start of the streams it reads ("Correcting start time"); vmr reads only the video
@@ -158,29 +158,6 @@ def _stream_facts(container: Any, stream: Any) -> dict[str, Any]:
 
 def _rotation(frame: Any) -> int:
     return int(getattr(frame, "rotation", 0) or 0) % 360
-
-
-def _first_packet_start(path: str, max_packets: int = 1000) -> float:
-    """The earliest time of the first shown packet of any stream, in seconds (inf if none seen).
-
-    FFmpeg 5.1 starts a file there. Newer libavformat moves an audio stream's start past its encoder
-    priming (AAC or Opus in Matroska: the first packet at -0.064 s, the stream start at 0), which moves
-    every slot of the fps filter; vmr follows 5.1 (docs/features.md). A second open reads only the
-    first packets (the stream being decoded keeps its position).
-    """
-    import av
-
-    firsts: dict[int, float] = {}
-    try:
-        with av.open(path) as container:
-            for n, packet in enumerate(container.demux()):
-                if _shown(packet) and packet.stream.index not in firsts:
-                    firsts[packet.stream.index] = float(packet.pts * packet.time_base)
-                if len(firsts) == len(container.streams) or n >= max_packets:
-                    break
-    except av.error.FFmpegError:
-        pass  # the reader reports what is wrong with the file
-    return min(firsts.values(), default=math.inf)
 
 
 def probe(path: Path) -> dict[str, Any]:
@@ -214,11 +191,17 @@ def _frame_times(pts: list[int], durations: list[int], start: int, tb: float) ->
     return sorted_pts, np.stack([starts, stops], axis=1)
 
 
-def _shown(packet: Any) -> bool:
-    """A packet whose frame is shown. An edit list (e.g. a file cut with `ffmpeg -ss ... -c copy`) can
-    start after the first frames: their packets carry the discard flag (negative times), the decoder
-    needs them as references but outputs nothing for them, and FFmpeg's filters never see them."""
-    return packet.pts is not None and packet.size > 0 and not packet.is_discard
+def _as_ffmpeg51(container: Any, stream: Any, pts: list[int], durations: list, last_dts: int | None) -> list:
+    """The packet durations, with the last shown frame's as FFmpeg 5.1 gives it in mp4/mov files
+    (pipeline/media/ffmpeg51.py); other containers keep the demuxer's."""
+    if not pts or last_dts is None or not is_mov(container):
+        return durations
+    last = mov_last_duration(container.name, stream, last_dts)
+    if last is None:
+        return durations
+    durations = list(durations)
+    durations[int(np.argmax(pts))] = last
+    return durations
 
 
 def demux_timestamps(path: Path) -> tuple[np.ndarray, int]:
@@ -228,10 +211,12 @@ def demux_timestamps(path: Path) -> tuple[np.ndarray, int]:
 
     container, stream = _open_video(path)
     with container:
-        pts, durations, discarded = [], [], 0
+        pts, durations, discarded, last_dts = [], [], 0, None
         try:
             for packet in container.demux(stream):
-                if _shown(packet):
+                if packet.size > 0 and packet.dts is not None:
+                    last_dts = packet.dts
+                if shown(packet):
                     pts.append(packet.pts)
                     durations.append(packet.duration or 0)
                 elif packet.pts is not None and packet.size > 0:
@@ -240,6 +225,7 @@ def demux_timestamps(path: Path) -> tuple[np.ndarray, int]:
             raise DecodeError(f"PyAV cannot read packets: {first_line(e)}") from None
         if not pts:
             return np.zeros((0, 2)), discarded
+        durations = _as_ffmpeg51(container, stream, pts, durations, last_dts)
         return _frame_times(pts, durations, stream.start_time or 0, float(stream.time_base))[1], discarded
 
 
@@ -316,6 +302,7 @@ class PyAVReader:
             keep = keep_packets and path.stat().st_size <= KEEP_PACKETS_MAX_BYTES
             frames = 0  # packets of frames, shown or not (as counted in nb_frames)
             packets, first, fed = [], None, 0  # first: decoded frames of the first packet that gave any
+            last_dts = None  # of the last packet in decode order
             for packet in self._container.demux(stream):  # the last packet is the decoder flush
                 if keep:
                     packets.append(packet)
@@ -327,9 +314,12 @@ class PyAVReader:
                         first = False  # decode problems are reported by frames()
                 if packet.pts is not None and packet.size > 0:
                     frames += 1
-                if _shown(packet):
+                if packet.size > 0 and packet.dts is not None:
+                    last_dts = packet.dts
+                if shown(packet):
                     pts.append(packet.pts)
                     durations.append(packet.duration or 0)
+            durations = _as_ffmpeg51(self._container, stream, pts, durations, last_dts)
         except Exception as e:
             self.close()
             raise DecodeError(f"PyAV cannot read packets: {first_line(e)}") from None

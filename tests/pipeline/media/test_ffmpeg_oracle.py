@@ -3,14 +3,16 @@
 Every generated frame carries its own index (four grey bands, one base-16 digit each), so the frames
 `ffmpeg -vf fps=fps=R` outputs name the source frames it kept. vmr's decode (both backends) must keep
 exactly those. The corpus covers what once differed: CFR at the common rates, video starting after
-the audio, a container start offset without audio, VFR, containers without a last-frame duration
-(mkv, webm, mpegts), short videos, rates on slot boundaries and long enough videos for float32
-timestamps to fall on the wrong side of a boundary. vmr follows FFmpeg 5.1 (Debian 12); the tests
-skip where no `ffmpeg` is on PATH, and CI installs Debian's.
+the audio, a container start offset without audio (mp4s whose end 5.1 computes by different rules:
+B-frames, codecs, time bases, fragments), VFR, containers without a last-frame duration (mkv, webm,
+mpegts), short videos, rates on slot boundaries and long enough videos for float32 timestamps to fall
+on the wrong side of a boundary. vmr follows FFmpeg 5.1 (Debian 12); the tests skip where no `ffmpeg`
+is on PATH, and CI installs Debian's (with `ffprobe`, the oracle of the mp4 end rule).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,10 +23,12 @@ import numpy as np
 import pytest
 
 from pipeline.media.decode import DecodeError, DecodeTask, decode_video
+from pipeline.media.ffmpeg51 import mov_last_duration
 from pipeline.media.framestore import FrameStore
 from pipeline.media.sampling import SamplingProtocol
 
 FFMPEG = shutil.which("ffmpeg")
+FFPROBE = shutil.which("ffprobe")  # Debian's ffmpeg package brings it
 # CI installs Debian's ffmpeg and sets VMR_REQUIRE_FFMPEG=1: there its absence is a failure, not a skip
 REQUIRED = os.environ.get("VMR_REQUIRE_FFMPEG") == "1"
 pytestmark = pytest.mark.skipif(FFMPEG is None and not REQUIRED, reason="the ffmpeg binary (the oracle) is not on PATH")
@@ -46,20 +50,28 @@ def read_barcode(img: np.ndarray) -> int:
     return sum(max(0, min(15, d)) << (4 * (3 - b)) for b, d in enumerate(digits))
 
 
-def make_video(path: Path, times: list[Fraction], *, audio_until: float | None = None) -> Path:
-    """Frames at `times` (seconds, exact), optionally after a silent audio track from 0 s."""
+LOSSLESS = {"libx264": {"qp": "0"}, "libvpx-vp9": {"lossless": "1"}, "libx265": {"x265-params": "lossless=1:log-level=0"},
+            "mpeg4": {"qscale": "1"}}
+BFRAMES = {"qp": "4", "bframes": "3"}  # libx264 with B-frames: composition offsets (a `ctts` box in mp4)
+
+
+def make_video(path: Path, times: list[Fraction], *, audio_until: float | None = None, codec: str | None = None,
+               options: dict | None = None, time_base: Fraction = TIME_BASE, mux_options: dict | None = None) -> Path:
+    """Frames at `times` (seconds, exact), optionally after a silent audio track from 0 s. `time_base` is
+    the encoder's (x264 writes it into the SPS timing: 1/180000 reads as 180000 fps); mp4 may store
+    another (`mux_options`: the muxer's, e.g. `video_track_timescale`)."""
     import av
 
     fmt = {".mp4": "mp4", ".mkv": "matroska", ".webm": "webm", ".ts": "mpegts"}[path.suffix]
-    codec = "libvpx-vp9" if fmt == "webm" else "libx264"
-    with av.open(str(path), "w", format=fmt) as out:
+    codec = codec or ("libvpx-vp9" if fmt == "webm" else "libx264")
+    with av.open(str(path), "w", format=fmt, options=mux_options or {}) as out:
         if audio_until is not None:
             audio = out.add_stream("libopus" if fmt == "webm" else "aac", rate=48000 if fmt == "webm" else 16000)
         video = out.add_stream(codec, rate=30)
         video.width, video.height, video.pix_fmt = W, H, "yuv420p"
-        video.time_base = TIME_BASE
-        video.codec_context.time_base = TIME_BASE
-        video.options = {"qp": "0"} if codec == "libx264" else {"lossless": "1"}
+        video.time_base = time_base
+        video.codec_context.time_base = time_base
+        video.options = options or LOSSLESS[codec]
         if audio_until is not None:
             rate, size = audio.codec_context.sample_rate, 960 if fmt == "webm" else 1024
             silence = av.AudioFrame.from_ndarray(np.zeros((1, size), np.float32), format="fltp", layout="mono")
@@ -72,7 +84,8 @@ def make_video(path: Path, times: list[Fraction], *, audio_until: float | None =
                 out.mux(packet)
         for i, t in enumerate(times):
             frame = av.VideoFrame.from_ndarray(barcode(i), format="rgb24")
-            frame.pts, frame.time_base = int(t / TIME_BASE), TIME_BASE
+            assert (t / time_base).denominator == 1, f"{t} s is not a whole number of {time_base} ticks"
+            frame.pts, frame.time_base = int(t / time_base), time_base
             for packet in video.encode(frame):
                 out.mux(packet)
         for packet in video.encode():
@@ -103,13 +116,6 @@ def vmr_keeps(path: Path, store: Path, backend: str, rate: Fraction) -> list[int
 
 def cfr(fps: Fraction, n: int, start: Fraction = Fraction(0)) -> list[Fraction]:
     return [start + i / fps for i in range(n)]
-
-
-# Where FFmpeg versions differ at the demuxer, vmr's decoders (PyAV's bundled FFmpeg, decord's) cannot
-# agree with 5.1's binary; docs/features.md lists these cases. Strict: a fix makes the test fail.
-VERSION_DIFFERENCES = {
-    "offset_no_audio": "mp4 with an edit list: 5.1's mov demuxer gives the last frame no duration (one slot fewer)",
-}
 
 
 def cut_with_edit_list(src: Path, out: Path, start: float = 1.5, length: float = 3.0) -> Path:
@@ -143,7 +149,23 @@ CORPUS = {
     "late_audio_1.0s": (cfr(Fraction(30), 90, Fraction(1)), {"audio_until": 4.0}, ".mp4"),
     "late_audio_0.02s": (cfr(Fraction(30), 90, Fraction(1, 50)), {"audio_until": 3.5}, ".mp4"),
     "late_audio_0.5s": (cfr(Fraction(25), 60, Fraction(1, 2)), {"audio_until": 3.0}, ".mp4"),
+    # video starting 0.7 s into an mp4 (an empty edit), no audio: 5.1 ends it at the last frame's pts or
+    # after one frame, depending on composition offsets, SPS timing and codec (pipeline/media/ffmpeg51.py)
     "offset_no_audio": (cfr(Fraction(30), 75, Fraction(7, 10)), {}, ".mp4"),
+    "offset_sps30": (cfr(Fraction(30), 75, Fraction(7, 10)), {"time_base": Fraction(1, 30)}, ".mp4"),
+    "offset_bframes": (cfr(Fraction(30), 75, Fraction(7, 10)), {"options": BFRAMES}, ".mp4"),
+    "offset_bframes_sps30": (cfr(Fraction(30), 75, Fraction(7, 10)),
+                             {"options": BFRAMES, "time_base": Fraction(1, 30)}, ".mp4"),
+    "offset_hevc": (cfr(Fraction(30), 75, Fraction(7, 10)), {"codec": "libx265"}, ".mp4"),
+    "offset_mpeg4": (cfr(Fraction(30), 75, Fraction(7, 10)), {"codec": "mpeg4", "time_base": Fraction(1, 60000)}, ".mp4"),
+    "offset_fragmented": (cfr(Fraction(30), 75, Fraction(7, 10)), {"mux_options": {"movflags": "frag_keyframe+empty_moov"}}, ".mp4"),
+    "offset_timescale30": (cfr(Fraction(30), 75, Fraction(7, 10)), {"mux_options": {"video_track_timescale": "30"}},
+                           ".mp4"),  # a time base coarser than 1 ms: one tick
+    "offset_vp9": (cfr(Fraction(30), 75, Fraction(7, 10)), {"codec": "libvpx-vp9"}, ".mp4"),
+    "vfr_vp9": (_vfr(), {"codec": "libvpx-vp9"}, ".mp4"),  # parsed in full: 1 / r_frame_rate, not the stts's
+    "bframes": (cfr(Fraction(30), 75), {"options": BFRAMES}, ".mp4"),  # ctts, SPS 180000 fps: ends at the last pts
+    "late_audio_bframes_sps25": (cfr(Fraction(25), 60, Fraction(12, 25)),
+                                 {"audio_until": 3.0, "options": BFRAMES, "time_base": Fraction(1, 25)}, ".mp4"),
     "vfr": (_vfr(), {}, ".mp4"),
     "mkv": (cfr(Fraction(30), 100), {}, ".mkv"),
     "mkv_late": (cfr(Fraction(24), 70, Fraction(3, 10)), {"audio_until": 3.5}, ".mkv"),
@@ -152,7 +174,7 @@ CORPUS = {
     "mpegts_late": (cfr(Fraction(30), 60, Fraction(7, 5)), {"audio_until": 3.5}, ".ts"),
     **{f"short{d}": (cfr(Fraction(30), int(d * 30)), {}, ".mp4") for d in (0.5, 1.0, 1.5, 2.1)},
     "long_30fps": (cfr(Fraction(30), 600), {}, ".mp4"),  # float32 slot errors began at ~8.8 s
-    "cut_source": (cfr(Fraction(25), 150), {}, ".mp4"),  # one keyframe, B-frames (x264's defaults)
+    "cut_source": (cfr(Fraction(25), 150), {}, ".mp4"),  # one keyframe (x264's lossless mode: no B-frames)
     "edit_list_cut": ([], {}, ".mp4"),  # made from cut_source by CUTS
 }
 CUTS = {"edit_list_cut": "cut_source"}  # name -> the corpus file it is cut from with `-c copy`
@@ -164,9 +186,7 @@ def videos(tmp_path_factory) -> dict[str, Path]:
     return corpus(tmp_path_factory.mktemp("oracle"))
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=VERSION_DIFFERENCES[n], strict=True)) if n in VERSION_DIFFERENCES
-    else n for n in CORPUS])
+@pytest.mark.parametrize("name", list(CORPUS))
 @pytest.mark.parametrize("backend", ["pyav", "decord"])
 def test_selection_equals_ffmpeg_fps_filter(videos, tmp_path, backend, name):
     mismatches = []
@@ -179,3 +199,19 @@ def test_selection_equals_ffmpeg_fps_filter(videos, tmp_path, backend, name):
 
 def test_the_barcode_survives_the_codecs(videos):
     assert ffmpeg_keeps(videos["long_30fps"], Fraction(30)) == list(range(600))
+
+
+@pytest.mark.parametrize("name", [name for name, (_, _, suffix) in CORPUS.items() if suffix == ".mp4"])
+def test_mp4_last_frame_duration_equals_ffprobe(videos, name):
+    """Where an mp4 video ends: 5.1's duration for the last shown frame's packet (ffprobe's packets
+    go through the same libavformat as the command line's), from vmr's reading of the boxes."""
+    import av
+
+    out = subprocess.run([FFPROBE, "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts,duration",
+                          "-of", "json", str(videos[name])], capture_output=True, check=True, text=True).stdout
+    last = max((p for p in json.loads(out)["packets"] if "pts" in p), key=lambda p: int(p["pts"]))
+    expected = int(last.get("duration", 0))  # absent: N/A, no duration
+    with av.open(str(videos[name])) as container:
+        stream = container.streams.video[0]
+        last_dts = [p.dts for p in container.demux(stream) if p.size > 0 and p.dts is not None][-1]
+        assert mov_last_duration(videos[name], stream, last_dts) == expected
