@@ -331,12 +331,18 @@ def short_side_resize_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def i3d_resize_crop(frames: torch.Tensor, min_side: int = 226, crop: int = 224) -> torch.Tensor:
-    """piergiaj/VSLNet: upscale only if the short side is below 226 (cv2 fx=fy scale, rounded
-    sizes), then centre crop 224 at round((H-224)/2) (numpy rounding)."""
+    """piergiaj/VSLNet: upscale only if the short side is below 226, with the call their frame loader
+    makes (`cv2.resize(img, dsize=(0, 0), fx=sc, fy=sc)`, bilinear on 8-bit frames), then centre crop
+    224 at round((H-224)/2) (numpy rounding)."""
+    import cv2
+    import torch
+
     h, w = frames.shape[1:3]
     if min(h, w) < min_side:
         scale = 1 + (min_side - min(h, w)) / min(h, w)
-        frames = _resize(frames, int(round(h * scale)), int(round(w * scale)))
+        cv2.setNumThreads(1)  # extract parallelises across batches; same pixels either way
+        scaled = [cv2.resize(np.ascontiguousarray(f), dsize=(0, 0), fx=scale, fy=scale) for f in frames.numpy()]
+        frames = torch.from_numpy(np.stack(scaled))
         h, w = frames.shape[1:3]
     y, x = int(np.round((h - crop) / 2)), int(np.round((w - crop) / 2))
     return frames[:, y : y + crop, x : x + crop]

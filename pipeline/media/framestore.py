@@ -70,6 +70,17 @@ class VideoFrames:
     windows: np.ndarray  # (N, 2) float64 seconds: the window each kept frame stands for
     source_index: np.ndarray  # (N,) int64: index of the frame among the decoded frames
 
+    @classmethod
+    def from_entry(cls, video_id: str, frames: np.ndarray, entry: dict) -> VideoFrames:
+        """`frames` with the times a record's protocol entry lists for them."""
+        return cls(
+            video_id=video_id,
+            frames=frames,
+            pts=np.asarray(entry["pts"], dtype=np.float64),
+            windows=np.asarray(entry["windows"], dtype=np.float64).reshape(-1, 2),
+            source_index=np.asarray(entry["source_index"], dtype=np.int64),
+        )
+
 
 class FrameStore:
     def __init__(self, root: str | Path):
@@ -130,10 +141,4 @@ class FrameStore:
                 f"{self.frames_path(protocol_key, video_id)}: {frames.shape[0]} frames but the record "
                 f"lists {len(entry['pts'])}"
             )
-        return VideoFrames(
-            video_id=video_id,
-            frames=frames,
-            pts=np.asarray(entry["pts"], dtype=np.float64),
-            windows=np.asarray(entry["windows"], dtype=np.float64).reshape(-1, 2),
-            source_index=np.asarray(entry["source_index"], dtype=np.int64),
-        )
+        return VideoFrames.from_entry(video_id, frames, entry)

@@ -243,13 +243,7 @@ class ReplaySource:
         self._failures.pop(video_id, None)
         frames = ReplayFrames(task, tuple(entry["frame_shape"]), self.timeout_s, self._record_failure)
         self._open.add(frames)
-        return VideoFrames(
-            video_id=video_id,
-            frames=frames,
-            pts=np.asarray(entry["pts"], dtype=np.float64),
-            windows=np.asarray(entry["windows"], dtype=np.float64).reshape(-1, 2),
-            source_index=np.asarray(entry["source_index"], dtype=np.int64),
-        )
+        return VideoFrames.from_entry(video_id, frames, entry)
 
     def _source(self, video_id: str, record: dict) -> Path:
         """The video file decode planned, unchanged (same sha256)."""
