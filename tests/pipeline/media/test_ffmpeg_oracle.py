@@ -201,6 +201,37 @@ def test_the_barcode_survives_the_codecs(videos):
     assert ffmpeg_keeps(videos["long_30fps"], Fraction(30)) == list(range(600))
 
 
+# the cases where vmr applies one of its 5.1 rules, and the containers
+THROUGH_THE_CLI = ["offset_no_audio", "offset_bframes", "offset_sps30", "edit_list_cut", "late_audio_1.0s",
+                   "mkv_late", "mpegts_late", "webm", "vfr"]
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_vmr_decode_keeps_what_ffmpeg_keeps(videos, tmp_path, backend):
+    """The same comparison through the command a user types: `vmr decode` for piergiaj's I3D, whose
+    protocol stores native-size frames at `extractors.i3d.fps`."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    (tmp_path / "videos").mkdir()
+    for name in THROUGH_THE_CLI:
+        shutil.copy(videos[name], tmp_path / "videos" / videos[name].name)
+    for rate in (Fraction(1), Fraction(3)):
+        out = tmp_path / f"frames-{rate}"
+        params = {"features": ["i3d"], "dataset": {"video_dir": str(tmp_path / "videos")},
+                  "decode": {"out_dir": str(out), "workers": 1, "backend": backend, "store_frames": "all"},
+                  "extractors": {"i3d": {"fps": float(rate)}}}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        result = CliRunner().invoke(app, ["decode", "--params", str(tmp_path / "params.yaml")])
+        assert result.exit_code == 0, result.output
+        key = SamplingProtocol(rule="fps_filter", rate=float(rate), short_side=0, crop=0).key
+        for name in THROUGH_THE_CLI:
+            kept = [read_barcode(f) for f in FrameStore(out).load(videos[name].stem, key).frames]
+            assert kept == ffmpeg_keeps(videos[name], rate), f"{name}, r={rate}"
+
+
 @pytest.mark.parametrize("name", [name for name, (_, _, suffix) in CORPUS.items() if suffix == ".mp4"])
 def test_mp4_last_frame_duration_equals_ffprobe(videos, name):
     """Where an mp4 video ends: 5.1's duration for the last shown frame's packet (ffprobe's packets
