@@ -12,33 +12,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import pytest
 from support.c3d_cli import decode_workspace, extract, record_network_inputs
 from support.caffe import write_blob_proto
+from support.videos import write_textured_video
 
 FRAMES = 21  # clips16, stride 8, tail pad: clips at 0, 8, 16; frames past 20 repeat frame 20
 SIZES = {"landscape": (320, 240), "wide": (640, 360), "portrait": (240, 320)}  # (width, height)
 SPORT1M_CHANNEL_MEANS_BGR = np.array([90.25164677, 97.65700354, 101.40833461], np.float32)
-
-
-def write_textured_video(path: Path, width: int, height: int) -> None:
-    """Gradients plus seeded noise: a resize that is off by a rounding step shows."""
-    rng = np.random.default_rng(width * height)
-    y, x = np.mgrid[0:height, 0:width]
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "16"}
-        for i in range(FRAMES):
-            smooth = np.stack([(x * 255 // width + i * 9) % 256, y * 255 // height, (x + y + i * 13) % 256], -1)
-            img = np.clip(smooth + rng.normal(0, 30, (height, width, 3)), 0, 255).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
 
 
 def opencv_clips(path: Path, mean: np.ndarray) -> np.ndarray:
@@ -66,7 +49,7 @@ def workspace(request, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp(f"c3dcv-{request.param}")
     (root / "videos").mkdir()
     for name, (width, height) in SIZES.items():
-        write_textured_video(root / "videos" / f"{name}.mp4", width, height)
+        write_textured_video(root / "videos" / f"{name}.mp4", width, height, FRAMES, fps=25)
     return decode_workspace(root, batch_size=3, backend=request.param, store_frames="none")
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import pytest
 import torch
 import yaml
+from support.videos import write_textured_video
 from typer.testing import CliRunner
 
 from extractors.i3d import I3DExtractor
@@ -27,23 +27,6 @@ from pipeline.cli import app
 
 FRAMES = 20
 SIZES = {"small": (160, 120), "wide": (320, 180), "portrait": (136, 200), "large": (300, 240)}  # (width, height)
-
-
-def write_textured_video(path: Path, width: int, height: int) -> None:
-    """Gradients plus seeded noise at 24 fps: a resize off by a rounding step shows."""
-    rng = np.random.default_rng(width * height)
-    y, x = np.mgrid[0:height, 0:width]
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=24)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "16"}
-        for i in range(FRAMES):
-            smooth = np.stack([(x * 255 // width + i * 9) % 256, y * 255 // height, (x + y + i * 13) % 256], -1)
-            img = np.clip(smooth + rng.normal(0, 30, (height, width, 3)), 0, 255).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
 
 
 def piergiaj_input(path: Path) -> np.ndarray:
@@ -71,7 +54,7 @@ def piergiaj_input(path: Path) -> np.ndarray:
 def test_input_equals_piergiaj_loader_with_opencv(tmp_path, monkeypatch, backend):
     (tmp_path / "videos").mkdir()
     for name, (width, height) in SIZES.items():
-        write_textured_video(tmp_path / "videos" / f"{name}.mp4", width, height)
+        write_textured_video(tmp_path / "videos" / f"{name}.mp4", width, height, FRAMES, fps=24)
     params = {
         "features": ["i3d"],
         "dataset": {"video_dir": str(tmp_path / "videos")},

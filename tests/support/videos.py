@@ -60,6 +60,24 @@ def write_video(
     return path
 
 
+def write_textured_video(path: Path, width: int, height: int, frames: int, fps: int) -> Path:
+    """Gradients plus noise seeded by the frame size: a resize that is off by a rounding step shows."""
+    rng = np.random.default_rng(width * height)
+    y, x = np.mgrid[0:height, 0:width]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "16"}
+        for i in range(frames):
+            smooth = np.stack([(x * 255 // width + i * 9) % 256, y * 255 // height, (x + y + i * 13) % 256], -1)
+            img = np.clip(smooth + rng.normal(0, 30, (height, width, 3)), 0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
 AUDIO_RATE = 48000
 
 
